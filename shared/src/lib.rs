@@ -1,0 +1,13 @@
+//! sandgate-shared: the pieces both binaries agree on.
+//!
+//! Owns the pod contract (label and annotation keys, phases) and sandbox-address parsing.
+//! It must stay pure: no Kubernetes client, no gRPC server, no async runtime.
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod address;
+pub mod contract;
+pub mod duration;
+
+pub use address::{AddressConfig, AddressError, AddressForm, SandboxAddress};
+pub use contract::{Contract, Phase};
