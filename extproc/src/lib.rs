@@ -1,1 +1,130 @@
+//! sandgate-extproc: the data plane.
+//!
+//! Envoy asks it, once per request, where the request goes. It answers from an in-memory route
+//! index fed by a pod watch. It must never take a destination from the request itself.
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
 
+pub mod admin;
+pub mod config;
+pub mod decision;
+pub mod grpc;
+pub mod index;
+pub mod kube;
+pub mod metrics;
+pub mod resolver;
+pub mod shutdown;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use prometheus_client::registry::Registry;
+use sandgate_shared::{AddressConfig, Contract};
+
+pub use config::Config;
+
+/// Sets up logging for a binary.
+pub fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+/// Runs the extproc until SIGTERM or Ctrl-C.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let contract = Arc::new(
+        Contract::new(&config.label_prefix).context("--label-prefix")?,
+    );
+    let addresses = AddressConfig::new(&config.domains).context("--domain")?;
+    if addresses.domains().is_empty() {
+        tracing::warn!("no --domain configured: only the header and path forms will route");
+    }
+    let client = ::kube::Client::try_default()
+        .await
+        .context("cannot build a Kubernetes client (in-cluster config or KUBECONFIG)")?;
+
+    let mut registry = Registry::default();
+    let metrics = metrics::Metrics::new(&mut registry);
+    let index = Arc::new(index::RouteIndex::new());
+    let apis = kube::scoped_apis(&client, &config.namespaces);
+    let lookup = Arc::new(kube::KubeLookup {
+        apis: apis.clone(),
+        contract: contract.clone(),
+    });
+    let resolver = Arc::new(resolver::Resolver::new(
+        index.clone(),
+        lookup,
+        config.negative_ttl,
+        config.lookup_timeout,
+        metrics.clone(),
+    ));
+    let sync = Arc::new(kube::SyncState::new(apis.len()));
+    for (scope, api) in apis {
+        tokio::spawn(kube::run_watch(
+            api,
+            scope,
+            contract.clone(),
+            resolver.clone(),
+            sync.clone(),
+            metrics.clone(),
+        ));
+    }
+
+    let (trigger, shutdown) = shutdown::channel();
+    let admin_listener = admin::bind(config.admin_addr, "--admin-addr").await?;
+    let grpc_listener = admin::bind(config.grpc_addr, "--grpc-addr").await?;
+    tracing::info!(grpc = %config.grpc_addr, admin = %config.admin_addr, domains = ?addresses.domains(), "sandgate-extproc starting");
+
+    let admin_state = Arc::new(admin::AdminState {
+        registry,
+        ready: {
+            let (sync, shutdown, m) = (sync.clone(), shutdown.clone(), metrics.clone());
+            Box::new(move || {
+                let synced = sync.is_synced();
+                m.index_synced.set(i64::from(synced));
+                synced && !shutdown.is_fired()
+            })
+        },
+        before_scrape: {
+            let (index, m) = (index.clone(), metrics.clone());
+            Box::new(move || {
+                m.indexed_sandboxes.set(index.len() as i64);
+            })
+        },
+    });
+    let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, shutdown.clone()));
+
+    let router = Arc::new(grpc::Router {
+        addresses,
+        resolver,
+        default_port: config.default_port,
+        metrics,
+    });
+    let grace = config.shutdown_grace;
+    let grpc_shutdown = shutdown.clone();
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .add_service(grpc::Processor::new(router).into_service())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            async move {
+                grpc_shutdown.wait().await;
+                // Readiness is already false: give Envoy time to stop sending new streams.
+                tokio::time::sleep(grace).await;
+            },
+        );
+    let serve = tokio::spawn(server);
+
+    shutdown::signal().await;
+    tracing::info!(grace = ?grace, "shutdown requested: readiness off, draining");
+    trigger.fire();
+    serve.await?.context("ext_proc server failed")?;
+    let _ = admin_task.await;
+    tracing::info!("sandgate-extproc stopped");
+    Ok(())
+}

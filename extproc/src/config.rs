@@ -1,0 +1,53 @@
+//! Flags of sandgate-extproc. Every flag has an environment variable.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use sandgate_shared::duration::parse_duration;
+
+/// Envoy external processor that routes sandbox traffic to the pod that claimed the sandbox.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "sandgate-extproc", version)]
+pub struct Config {
+    /// Address of the ext_proc gRPC server Envoy calls.
+    #[arg(long, env = "SANDGATE_GRPC_ADDR", default_value = "127.0.0.1:9001")]
+    pub grpc_addr: SocketAddr,
+
+    /// Address of the admin HTTP server (/metrics, /healthz, /readyz).
+    #[arg(long, env = "SANDGATE_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
+    pub admin_addr: SocketAddr,
+
+    /// Domain suffixes whose hosts name sandboxes: `<port>-<id>.<domain>` or `<id>.<domain>`.
+    /// Comma-separated. Without one, only the header and path forms are accepted.
+    #[arg(long = "domain", env = "SANDGATE_DOMAINS", value_delimiter = ',')]
+    pub domains: Vec<String>,
+
+    /// Port used when neither the request nor the pod's `port` annotation names one.
+    #[arg(long, env = "SANDGATE_DEFAULT_PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub default_port: Option<u16>,
+
+    /// Namespaces whose pods are watched. Comma-separated; empty means all namespaces.
+    #[arg(long = "namespace", env = "SANDGATE_NAMESPACES", value_delimiter = ',')]
+    pub namespaces: Vec<String>,
+
+    /// Prefix of the pod contract's labels and annotations.
+    #[arg(long, env = "SANDGATE_LABEL_PREFIX", default_value = sandgate_shared::contract::DEFAULT_PREFIX)]
+    pub label_prefix: String,
+
+    /// How long an ID the API does not know is remembered as unknown.
+    #[arg(long, env = "SANDGATE_NEGATIVE_TTL", default_value = "2s", value_parser = parse_duration)]
+    pub negative_ttl: Duration,
+
+    /// Time limit of an API lookup on an index miss. Keep it below Envoy's ext_proc message_timeout.
+    #[arg(long, env = "SANDGATE_LOOKUP_TIMEOUT", default_value = "1500ms", value_parser = parse_duration)]
+    pub lookup_timeout: Duration,
+
+    /// How long shutdown waits for in-flight streams after readiness turns false.
+    #[arg(long, env = "SANDGATE_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Log format: text or json.
+    #[arg(long, env = "SANDGATE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}

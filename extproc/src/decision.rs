@@ -1,0 +1,112 @@
+//! The routing decision: from a parsed address and what the resolver knows, to what Envoy must do.
+//! Pure: no I/O, no protobuf.
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+
+use sandgate_shared::address::{AddressError, SandboxAddress};
+
+use crate::metrics::Outcome;
+use crate::resolver::Resolved;
+
+/// What to tell Envoy for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision<'a> {
+    Route {
+        dest: SocketAddr,
+        rewritten_path: Option<Cow<'a, str>>,
+    },
+    /// Unknown or released sandbox: 502, which E2B SDKs read as "sandbox gone".
+    NotFound { id: Cow<'a, str> },
+    /// Claimed but not serving yet: 503 with `retry-after`.
+    NotReady { id: Cow<'a, str> },
+    /// The index has no entry and the API could not be asked: 503 with `retry-after`.
+    LookupFailed { id: Cow<'a, str> },
+    BadRequest(AddressError),
+    /// The address names no port and neither the pod nor the config has a default: 400.
+    NoPort { id: Cow<'a, str> },
+}
+
+impl Decision<'_> {
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Decision::Route { .. } => Outcome::routed,
+            Decision::NotFound { .. } => Outcome::not_found,
+            Decision::NotReady { .. } => Outcome::not_ready,
+            Decision::LookupFailed { .. } => Outcome::lookup_failed,
+            Decision::BadRequest(_) | Decision::NoPort { .. } => Outcome::bad_request,
+        }
+    }
+}
+
+/// Decides for a parsed address. The destination IP only ever comes from `resolved`.
+pub fn decide<'a>(addr: SandboxAddress<'a>, resolved: Resolved, default_port: Option<u16>) -> Decision<'a> {
+    use crate::index::RouteState;
+    let id = addr.id;
+    let route = match resolved {
+        Resolved::Found(r) => r,
+        Resolved::Absent => return Decision::NotFound { id },
+        Resolved::Failed => return Decision::LookupFailed { id },
+    };
+    match (route.state, route.ip) {
+        (RouteState::Running, Some(ip)) => match addr.port.or(route.default_port).or(default_port) {
+            Some(port) => Decision::Route {
+                dest: SocketAddr::new(ip, port),
+                rewritten_path: addr.rewritten_path,
+            },
+            None => Decision::NoPort { id },
+        },
+        (RouteState::Running | RouteState::NotReady, _) => Decision::NotReady { id },
+        (RouteState::Gone, _) => Decision::NotFound { id },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::{PodRoute, RouteState};
+    use sandgate_shared::address::AddressForm;
+
+    fn addr(port: Option<u16>) -> SandboxAddress<'static> {
+        SandboxAddress {
+            id: Cow::Borrowed("abc"),
+            port,
+            form: AddressForm::Host,
+            rewritten_path: None,
+        }
+    }
+
+    fn found(state: RouteState, ip: Option<&str>, default_port: Option<u16>) -> Resolved {
+        Resolved::Found(PodRoute {
+            ip: ip.map(|i| i.parse().unwrap()),
+            default_port,
+            state,
+            pod: 1,
+            scope: 0,
+        })
+    }
+
+    #[test]
+    fn port_precedence_is_request_then_pod_then_config() {
+        let r = found(RouteState::Running, Some("10.0.0.1"), Some(3000));
+        let dest = |d: Decision<'_>| match d {
+            Decision::Route { dest, .. } => dest.to_string(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(dest(decide(addr(Some(80)), r, Some(9))), "10.0.0.1:80");
+        assert_eq!(dest(decide(addr(None), r, Some(9))), "10.0.0.1:3000");
+        let no_ann = found(RouteState::Running, Some("10.0.0.1"), None);
+        assert_eq!(dest(decide(addr(None), no_ann, Some(9))), "10.0.0.1:9");
+        assert!(matches!(decide(addr(None), no_ann, None), Decision::NoPort { .. }));
+    }
+
+    #[test]
+    fn states_map_to_answers() {
+        assert!(matches!(decide(addr(Some(1)), Resolved::Absent, None), Decision::NotFound { .. }));
+        assert!(matches!(decide(addr(Some(1)), Resolved::Failed, None), Decision::LookupFailed { .. }));
+        let starting = found(RouteState::NotReady, None, None);
+        assert!(matches!(decide(addr(Some(1)), starting, None), Decision::NotReady { .. }));
+        let gone = found(RouteState::Gone, Some("10.0.0.1"), None);
+        assert!(matches!(decide(addr(Some(1)), gone, None), Decision::NotFound { .. }));
+    }
+}

@@ -1,0 +1,262 @@
+//! The ext_proc gRPC edge. Only this module knows the Envoy protobuf types.
+//!
+//! One stream per HTTP request; one reply per message. Request headers get a decision; any other
+//! message (which the Envoy config never sends) gets an empty "continue". A stream reset or EOF is
+//! the normal end of a stream, not an error.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use envoy_types::pb::envoy::config::core::v3::{
+    header_value_option::HeaderAppendAction, HeaderValue, HeaderValueOption,
+};
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    external_processor_server::{ExternalProcessor, ExternalProcessorServer},
+    processing_request::Request as Req,
+    processing_response::Response as Resp,
+    BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, HttpHeaders, ImmediateResponse,
+    ProcessingRequest, ProcessingResponse, TrailersResponse,
+};
+use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+use futures::Stream;
+use sandgate_shared::address::{AddressConfig, RequestParts, HEADER_ID, HEADER_PORT};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::decision::{decide, Decision};
+use crate::metrics::Metrics;
+use crate::resolver::Resolver;
+
+/// Dynamic-metadata namespace read by the ORIGINAL_DST cluster.
+pub const METADATA_NAMESPACE: &str = "envoy.lb";
+/// Key inside it holding `ip:port`.
+pub const METADATA_KEY: &str = "x-sandbox-destination";
+/// Seconds clients are told to wait on a 503.
+const RETRY_AFTER_SECS: &[u8] = b"1";
+
+/// Everything a decision needs; shared by all streams.
+pub struct Router {
+    pub addresses: AddressConfig,
+    pub resolver: Arc<Resolver>,
+    pub default_port: Option<u16>,
+    pub metrics: Metrics,
+}
+
+#[derive(Clone)]
+pub struct Processor(Arc<Router>);
+
+impl Processor {
+    pub fn new(router: Arc<Router>) -> Self {
+        Processor(router)
+    }
+
+    pub fn into_service(self) -> ExternalProcessorServer<Self> {
+        ExternalProcessorServer::new(self)
+    }
+}
+
+type ReplyStream = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl ExternalProcessor for Processor {
+    type ProcessStream = ReplyStream;
+
+    async fn process(
+        &self,
+        request: Request<Streaming<ProcessingRequest>>,
+    ) -> Result<Response<Self::ProcessStream>, Status> {
+        let inbound = request.into_inner();
+        let router = self.0.clone();
+        let replies = futures::stream::unfold((inbound, router), |(mut inbound, router)| async move {
+            match inbound.message().await {
+                Ok(Some(msg)) => {
+                    let reply = router.on_message(msg).await;
+                    Some((Ok(reply), (inbound, router)))
+                }
+                Ok(None) => None,
+                Err(status) => {
+                    tracing::trace!(%status, "ext_proc stream ended by Envoy");
+                    None
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(replies)))
+    }
+}
+
+impl Router {
+    /// One reply for one message.
+    pub async fn on_message(&self, msg: ProcessingRequest) -> ProcessingResponse {
+        let response = match msg.request {
+            Some(Req::RequestHeaders(h)) => return self.on_request_headers(&h).await,
+            Some(Req::ResponseHeaders(_)) => Resp::ResponseHeaders(HeadersResponse::default()),
+            Some(Req::RequestBody(_)) => Resp::RequestBody(BodyResponse::default()),
+            Some(Req::ResponseBody(_)) => Resp::ResponseBody(BodyResponse::default()),
+            Some(Req::RequestTrailers(_)) => Resp::RequestTrailers(TrailersResponse::default()),
+            Some(Req::ResponseTrailers(_)) => Resp::ResponseTrailers(TrailersResponse::default()),
+            None => Resp::RequestHeaders(HeadersResponse::default()),
+        };
+        ProcessingResponse {
+            response: Some(response),
+            ..Default::default()
+        }
+    }
+
+    /// Parses, resolves, decides and encodes. The hot path.
+    pub async fn on_request_headers(&self, headers: &HttpHeaders) -> ProcessingResponse {
+        let start = Instant::now();
+        let mut parts = RequestParts::default();
+        let mut remove = Removals::default();
+        for h in headers.headers.iter().flat_map(|m| m.headers.iter()) {
+            let v = if h.raw_value.is_empty() { h.value.as_bytes() } else { &h.raw_value[..] };
+            match h.key.as_str() {
+                ":authority" => parts.authority = v,
+                ":path" => parts.path = v,
+                HEADER_ID => {
+                    parts.header_id = Some(v);
+                    remove.id = true;
+                }
+                HEADER_PORT => {
+                    parts.header_port = Some(v);
+                    remove.port = true;
+                }
+                _ => {}
+            }
+        }
+        let decision = match self.addresses.parse(parts) {
+            Ok(addr) => {
+                let resolved = self.resolver.resolve(&addr.id).await;
+                decide(addr, resolved, self.default_port)
+            }
+            Err(e) => Decision::BadRequest(e),
+        };
+        self.metrics.outcome(decision.outcome()).inc();
+        let reply = encode(decision, remove);
+        self.metrics.decision_seconds.observe(start.elapsed());
+        reply
+    }
+}
+
+/// Which sandbox-addressing headers the request carried (and so must lose before going upstream).
+#[derive(Debug, Default, Clone, Copy)]
+struct Removals {
+    id: bool,
+    port: bool,
+}
+
+fn encode(decision: Decision<'_>, remove: Removals) -> ProcessingResponse {
+    match decision {
+        Decision::Route {
+            dest,
+            rewritten_path,
+        } => route_reply(dest.to_string(), rewritten_path.as_deref(), remove),
+        Decision::NotFound { id } => immediate(
+            502,
+            "sandgate_sandbox_not_found",
+            serde_json::json!({"error": "sandbox not found", "sandbox_id": id}),
+            false,
+        ),
+        Decision::NotReady { id } => immediate(
+            503,
+            "sandgate_sandbox_not_ready",
+            serde_json::json!({"error": "sandbox not ready", "sandbox_id": id}),
+            true,
+        ),
+        Decision::LookupFailed { id } => immediate(
+            503,
+            "sandgate_lookup_failed",
+            serde_json::json!({"error": "sandbox lookup failed, retry", "sandbox_id": id}),
+            true,
+        ),
+        Decision::BadRequest(e) => immediate(
+            400,
+            "sandgate_bad_address",
+            serde_json::json!({"error": e.to_string(), "reason": e.label()}),
+            false,
+        ),
+        Decision::NoPort { id } => immediate(
+            400,
+            "sandgate_no_port",
+            serde_json::json!({"error": "no port in the address and no default port for this sandbox", "sandbox_id": id}),
+            false,
+        ),
+    }
+}
+
+fn route_reply(dest: String, rewritten_path: Option<&str>, remove: Removals) -> ProcessingResponse {
+    let lb = Struct {
+        fields: HashMap::from([(METADATA_KEY.to_string(), string_value(dest))]),
+    };
+    let metadata = Struct {
+        fields: HashMap::from([(
+            METADATA_NAMESPACE.to_string(),
+            Value {
+                kind: Some(Kind::StructValue(lb)),
+            },
+        )]),
+    };
+    let mut mutation = HeaderMutation::default();
+    if let Some(path) = rewritten_path {
+        mutation.set_headers.push(set_header(":path", path.as_bytes()));
+    }
+    if remove.id {
+        mutation.remove_headers.push(HEADER_ID.to_string());
+    }
+    if remove.port {
+        mutation.remove_headers.push(HEADER_PORT.to_string());
+    }
+    let has_mutation = !mutation.set_headers.is_empty() || !mutation.remove_headers.is_empty();
+    ProcessingResponse {
+        dynamic_metadata: Some(metadata),
+        response: Some(Resp::RequestHeaders(HeadersResponse {
+            response: Some(CommonResponse {
+                header_mutation: has_mutation.then_some(mutation),
+                ..Default::default()
+            }),
+        })),
+        ..Default::default()
+    }
+}
+
+fn immediate(status: u16, details: &str, body: serde_json::Value, retry: bool) -> ProcessingResponse {
+    let mut headers = HeaderMutation {
+        set_headers: vec![set_header("content-type", b"application/json")],
+        ..Default::default()
+    };
+    if retry {
+        headers.set_headers.push(set_header("retry-after", RETRY_AFTER_SECS));
+    }
+    ProcessingResponse {
+        response: Some(Resp::ImmediateResponse(ImmediateResponse {
+            status: Some(HttpStatus { code: i32::from(status) }),
+            headers: Some(headers),
+            body: body.to_string().into_bytes(),
+            details: details.to_string(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+fn string_value(s: String) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(s)),
+    }
+}
+
+fn set_header(key: &str, value: &[u8]) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_string(),
+            raw_value: value.to_vec(),
+            ..Default::default()
+        }),
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests;

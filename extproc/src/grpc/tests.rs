@@ -1,0 +1,117 @@
+use super::*;
+use crate::index::{PodRoute, RouteIndex, RouteState, SandboxKey};
+use crate::resolver::{LookupError, PodLookup};
+use envoy_types::pb::envoy::config::core::v3::HeaderMap;
+use futures::future::BoxFuture;
+use std::time::Duration;
+
+struct NoApi;
+impl PodLookup for NoApi {
+    fn lookup(&self, _: SandboxKey) -> BoxFuture<'static, Result<Option<PodRoute>, LookupError>> {
+        Box::pin(async { Ok(None) })
+    }
+}
+
+fn router() -> Router {
+    let mut reg = prometheus_client::registry::Registry::default();
+    let metrics = Metrics::new(&mut reg);
+    let index = Arc::new(RouteIndex::new());
+    index.apply(
+        SandboxKey::new("abc").unwrap(),
+        PodRoute { ip: Some("10.1.2.3".parse().unwrap()), default_port: None, state: RouteState::Running, pod: 1, scope: 0 },
+    );
+    index.apply(
+        SandboxKey::new("booting").unwrap(),
+        PodRoute { ip: None, default_port: None, state: RouteState::NotReady, pod: 2, scope: 0 },
+    );
+    let resolver = Arc::new(Resolver::new(index, Arc::new(NoApi), Duration::from_secs(1), Duration::from_secs(1), metrics.clone()));
+    Router { addresses: AddressConfig::new(["sandbox.localhost"]).unwrap(), resolver, default_port: Some(8080), metrics }
+}
+
+fn headers(pairs: &[(&str, &str)]) -> HttpHeaders {
+    HttpHeaders {
+        headers: Some(HeaderMap {
+            headers: pairs
+                .iter()
+                .map(|(k, v)| HeaderValue { key: k.to_string(), raw_value: v.as_bytes().to_vec(), ..Default::default() })
+                .collect(),
+        }),
+        ..Default::default()
+    }
+}
+
+fn destination(r: &ProcessingResponse) -> Option<String> {
+    let lb = r.dynamic_metadata.as_ref()?.fields.get(METADATA_NAMESPACE)?;
+    let Some(Kind::StructValue(s)) = &lb.kind else { return None };
+    match &s.fields.get(METADATA_KEY)?.kind {
+        Some(Kind::StringValue(v)) => Some(v.clone()),
+        _ => None,
+    }
+}
+
+fn status(r: &ProcessingResponse) -> Option<(i32, String)> {
+    match &r.response {
+        Some(Resp::ImmediateResponse(i)) => Some((i.status.unwrap().code, String::from_utf8(i.body.clone()).unwrap())),
+        _ => None,
+    }
+}
+
+fn mutation(r: &ProcessingResponse) -> HeaderMutation {
+    match &r.response {
+        Some(Resp::RequestHeaders(h)) => h.response.clone().unwrap().header_mutation.unwrap_or_default(),
+        _ => panic!("not a headers response"),
+    }
+}
+
+#[tokio::test]
+async fn routes_host_form_with_metadata_only() {
+    let r = router();
+    let reply = r.on_request_headers(&headers(&[(":authority", "3000-abc.sandbox.localhost"), (":path", "/x")])).await;
+    assert_eq!(destination(&reply).as_deref(), Some("10.1.2.3:3000"));
+    assert_eq!(mutation(&reply), HeaderMutation::default());
+}
+
+#[tokio::test]
+async fn header_form_removes_addressing_headers() {
+    let r = router();
+    let reply = r
+        .on_request_headers(&headers(&[(":authority", "gw"), (":path", "/"), ("x-sandbox-id", "abc"), ("x-sandbox-port", "81")]))
+        .await;
+    assert_eq!(destination(&reply).as_deref(), Some("10.1.2.3:81"));
+    assert_eq!(mutation(&reply).remove_headers, vec!["x-sandbox-id", "x-sandbox-port"]);
+}
+
+#[tokio::test]
+async fn path_form_rewrites_path() {
+    let r = router();
+    let reply = r.on_request_headers(&headers(&[(":authority", "gw"), (":path", "/sandboxes/abc/9000/api?q=1")])).await;
+    assert_eq!(destination(&reply).as_deref(), Some("10.1.2.3:9000"));
+    let m = mutation(&reply);
+    assert_eq!(m.set_headers[0].header.as_ref().unwrap().raw_value, b"/api?q=1");
+}
+
+#[tokio::test]
+async fn error_answers() {
+    let r = router();
+    let (code, body) = status(&r.on_request_headers(&headers(&[(":authority", "80-nope.sandbox.localhost")])).await).unwrap();
+    assert_eq!(code, 502);
+    assert_eq!(body, r#"{"error":"sandbox not found","sandbox_id":"nope"}"#);
+    let (code, _) = status(&r.on_request_headers(&headers(&[(":authority", "80-booting.sandbox.localhost")])).await).unwrap();
+    assert_eq!(code, 503);
+    let (code, body) = status(&r.on_request_headers(&headers(&[(":authority", "99999-abc.sandbox.localhost")])).await).unwrap();
+    assert_eq!(code, 400);
+    assert!(body.contains("invalid_port"), "{body}");
+}
+
+#[tokio::test]
+async fn a_spoofed_destination_header_is_ignored() {
+    let r = router();
+    let reply = r
+        .on_request_headers(&headers(&[
+            (":authority", "80-abc.sandbox.localhost"),
+            ("x-sandbox-destination", "127.0.0.1:22"),
+            ("x-envoy-original-dst-host", "127.0.0.1:22"),
+        ]))
+        .await;
+    assert_eq!(destination(&reply).as_deref(), Some("10.1.2.3:80"));
+}
