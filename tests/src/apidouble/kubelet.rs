@@ -1,0 +1,78 @@
+//! A small "kubelet": gives every new pod a loopback IP, starts an HTTP + WebSocket echo server on
+//! each of its container ports, and marks it Running and Ready. Deleting the pod stops its servers.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use tokio::task::JoinHandle;
+
+use super::store::{EventType, PatchKind, Store};
+use crate::echo;
+
+/// Runs until the store is dropped. `net` picks the /16 the pod IPs come from: 127.<net>.x.y.
+pub async fn run(store: Arc<Store>, net: u8) {
+    let mut changes = store.subscribe();
+    let mut next: u32 = 0;
+    let mut servers: HashMap<(String, String), Vec<JoinHandle<()>>> = HashMap::new();
+    loop {
+        let change = match changes.recv().await {
+            Ok(c) => c,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(_) => return,
+        };
+        if change.resource != "pods" {
+            continue;
+        }
+        let name = change.object["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        let key = (change.namespace.clone(), name.clone());
+        if change.kind == EventType::Deleted {
+            for h in servers.remove(&key).unwrap_or_default() {
+                h.abort();
+            }
+            continue;
+        }
+        let has_ip = change.object["status"]["podIP"].is_string();
+        if has_ip || servers.contains_key(&key) || change.object["metadata"]["deletionTimestamp"].is_string() {
+            continue;
+        }
+        next += 1;
+        // Skip .0 and .255 in the last octet.
+        let n = next + 2 * (next / 254) + 1;
+        let ip = Ipv4Addr::new(127, net, (n >> 8) as u8, (n & 0xff) as u8);
+        let mut handles = Vec::new();
+        for port in container_ports(&change.object) {
+            match echo::bind(ip, port, name.clone()).await {
+                Ok(h) => handles.push(h),
+                Err(e) => tracing::warn!(%ip, port, error = %e, "kubelet: cannot start echo server"),
+            }
+        }
+        servers.insert(key, handles);
+        let status = json!({"status": {
+            "phase": "Running",
+            "podIP": ip.to_string(),
+            "podIPs": [{"ip": ip.to_string()}],
+            "conditions": [
+                {"type": "Ready", "status": "True"},
+                {"type": "ContainersReady", "status": "True"},
+            ],
+        }});
+        if let Err(e) = store.patch("pods", &change.namespace, &name, PatchKind::Merge, &status, true) {
+            tracing::warn!(pod = %name, error = ?e, "kubelet: status update failed");
+        }
+    }
+}
+
+fn container_ports(pod: &Value) -> Vec<u16> {
+    let mut ports: Vec<u16> = pod["spec"]["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
+        .filter_map(|p| p["containerPort"].as_u64().and_then(|p| u16::try_from(p).ok()))
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}

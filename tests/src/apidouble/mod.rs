@@ -1,0 +1,140 @@
+//! A Kubernetes API double, reached over HTTP with a kubeconfig like a real cluster.
+//!
+//! It serves any resource at the usual REST paths (`/api/v1/...`, `/apis/<group>/<version>/...`):
+//! list and watch (resourceVersion, bookmarks, label selectors, 410 for expired versions), get,
+//! create, replace, merge and JSON patch (resourceVersion preconditions → 409, failed `test` → 422),
+//! status subresources, delete with finalizers. A small kubelet runs pods on loopback addresses.
+//! Test-only knobs (a list delay, a bearer token) live here, never in the binaries.
+
+pub mod http;
+pub mod kubelet;
+pub mod selector;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+pub use store::Store;
+
+/// Behaviour a test can change while the double runs.
+#[derive(Default)]
+pub struct Hooks {
+    list_delay: Mutex<Option<Duration>>,
+    /// Required bearer token, if any.
+    pub token: Option<String>,
+}
+
+impl Hooks {
+    pub fn list_delay(&self) -> Option<Duration> {
+        *self.list_delay.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A running double.
+pub struct ApiDouble {
+    pub addr: SocketAddr,
+    pub store: Arc<Store>,
+    pub hooks: Arc<Hooks>,
+    /// Pod IPs are 127.<net>.x.y.
+    pub net: u8,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl ApiDouble {
+    /// Starts the double and its kubelet on an ephemeral port.
+    pub async fn start() -> std::io::Result<ApiDouble> {
+        Self::start_on("127.0.0.1:0".parse().expect("addr"), None).await
+    }
+
+    pub async fn start_on(addr: SocketAddr, net: Option<u8>) -> std::io::Result<ApiDouble> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let store = Arc::new(Store::new());
+        let hooks = Arc::new(Hooks::default());
+        let net = net.unwrap_or_else(|| rand::random_range(10..250));
+        let serve = {
+            let (store, hooks) = (store.clone(), hooks.clone());
+            tokio::spawn(async move {
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else { continue };
+                    let (store, hooks) = (store.clone(), hooks.clone());
+                    tokio::spawn(async move {
+                        let svc = service_fn(move |req| http::handle(store.clone(), hooks.clone(), req));
+                        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .await;
+                    });
+                }
+            })
+        };
+        let kubelet = tokio::spawn(kubelet::run(store.clone(), net));
+        Ok(ApiDouble { addr, store, hooks, net, tasks: vec![serve, kubelet] })
+    }
+
+    /// Makes every list answer only after `d` (None to stop).
+    pub fn set_list_delay(&self, d: Option<Duration>) {
+        *self.hooks.list_delay.lock().unwrap_or_else(|e| e.into_inner()) = d;
+    }
+
+    /// Writes a kubeconfig pointing at the double.
+    pub fn write_kubeconfig(&self, dir: &Path) -> std::io::Result<PathBuf> {
+        let path = dir.join("kubeconfig");
+        std::fs::write(&path, kubeconfig(self.addr))?;
+        Ok(path)
+    }
+}
+
+impl Drop for ApiDouble {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+pub fn kubeconfig(addr: SocketAddr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: double\n  cluster:\n    server: http://{addr}\ncontexts:\n- name: double\n  context:\n    cluster: double\n    user: double\n    namespace: default\ncurrent-context: double\nusers:\n- name: double\n  user: {{}}\n"
+    )
+}
+
+/// Seconds since the epoch as RFC 3339 (UTC).
+pub fn rfc3339(secs: u64) -> String {
+    let days = secs / 86400;
+    let rem = secs % 86400;
+    let (y, m, d) = civil_from_days(days as i64);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+pub fn random_suffix() -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    (0..5).map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rfc3339_formats() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+    }
+}

@@ -1,0 +1,100 @@
+//! The sandbox stand-in: an HTTP + WebSocket echo server. Every reply names the pod that served
+//! it, so tests can tell which pod a request reached.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::{handshake::derive_accept_key, protocol::Role, Message};
+use tokio_tungstenite::WebSocketStream;
+
+/// Binds `ip:port` and serves until the handle is aborted.
+pub async fn bind(ip: impl Into<IpAddr>, port: u16, name: String) -> std::io::Result<JoinHandle<()>> {
+    let listener = TcpListener::bind(SocketAddr::new(ip.into(), port)).await?;
+    Ok(tokio::spawn(serve(listener, name, Arc::new(AtomicUsize::new(0)))))
+}
+
+/// Serves on a bound listener, counting every request in `hits`.
+pub async fn serve(listener: TcpListener, name: String, hits: Arc<AtomicUsize>) {
+    let name: Arc<str> = name.into();
+    let local = listener.local_addr().ok();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let (name, hits) = (name.clone(), hits.clone());
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                hits.fetch_add(1, Ordering::SeqCst);
+                let name = name.clone();
+                async move { Ok::<_, Infallible>(respond(&name, local, req)) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn respond(name: &Arc<str>, local: Option<SocketAddr>, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let is_ws = req
+        .headers()
+        .get(http::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if is_ws {
+        let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
+            return Response::builder().status(400).body(Full::new(Bytes::from("no key"))).unwrap_or_default();
+        };
+        let name = name.clone();
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let Ok(upgraded) = upgrade.await else { return };
+            let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+            while let Some(Ok(msg)) = ws.next().await {
+                let reply = match msg {
+                    Message::Text(t) => Message::text(format!("{name}:{t}")),
+                    Message::Binary(b) => Message::Binary(b),
+                    Message::Ping(p) => Message::Pong(p),
+                    Message::Close(_) => break,
+                    _ => continue,
+                };
+                if ws.send(reply).await.is_err() {
+                    break;
+                }
+            }
+        });
+        return Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header(http::header::CONNECTION, "upgrade")
+            .header(http::header::UPGRADE, "websocket")
+            .header("sec-websocket-accept", derive_accept_key(key.as_bytes()))
+            .body(Full::new(Bytes::new()))
+            .unwrap_or_default();
+    }
+    let headers: serde_json::Map<String, serde_json::Value> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(String::from_utf8_lossy(v.as_bytes()))))
+        .collect();
+    let body = json!({
+        "pod": name.as_ref(),
+        "addr": local.map(|a| a.to_string()),
+        "method": req.method().as_str(),
+        "path": req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+        "headers": headers,
+    });
+    Response::builder()
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap_or_default()
+}

@@ -1,0 +1,105 @@
+//! Envoy configs: rendering the bootstrap template and running a real Envoy.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use tokio::process::{Child, Command};
+
+use crate::procs::{workspace_root, wait_for_tcp};
+
+/// Values substituted into `envoy/bootstrap.yaml.in`.
+#[derive(Debug, Clone)]
+pub struct EnvoyPorts {
+    pub listen_addr: String,
+    pub listen_port: u16,
+    pub extproc_port: u16,
+    pub admin_port: u16,
+}
+
+impl EnvoyPorts {
+    /// The production sidecar layout.
+    pub fn production() -> Self {
+        EnvoyPorts { listen_addr: "0.0.0.0".into(), listen_port: 8080, extproc_port: 9001, admin_port: 9901 }
+    }
+    /// `make run`: everything on loopback.
+    pub fn local() -> Self {
+        EnvoyPorts { listen_addr: "127.0.0.1".into(), listen_port: 10000, extproc_port: 9001, admin_port: 9901 }
+    }
+}
+
+pub fn template() -> String {
+    std::fs::read_to_string(workspace_root().join("envoy/bootstrap.yaml.in")).expect("envoy/bootstrap.yaml.in")
+}
+
+pub fn render(p: &EnvoyPorts) -> String {
+    template()
+        .replace("{{LISTEN_ADDR}}", &p.listen_addr)
+        .replace("{{LISTEN_PORT}}", &p.listen_port.to_string())
+        .replace("{{EXTPROC_PORT}}", &p.extproc_port.to_string())
+        .replace("{{ADMIN_PORT}}", &p.admin_port.to_string())
+}
+
+/// The committed configs and what they must equal.
+pub fn committed() -> [(PathBuf, String); 2] {
+    let root = workspace_root();
+    [
+        (root.join("envoy/production.yaml"), render(&EnvoyPorts::production())),
+        (root.join("envoy/local.yaml"), render(&EnvoyPorts::local())),
+    ]
+}
+
+/// The Envoy binary: `$ENVOY_BIN`, else the one `make` installs under `.tools/`.
+pub fn envoy_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("ENVOY_BIN") {
+        return p.into();
+    }
+    let p = workspace_root().join(".tools/envoy/envoy/_bin/envoy");
+    assert!(p.exists(), "Envoy not found at {}: run `make envoy` (or set ENVOY_BIN)", p.display());
+    p
+}
+
+/// A running Envoy, killed on drop.
+pub struct Envoy {
+    pub ports: EnvoyPorts,
+    _child: Child,
+}
+
+impl Envoy {
+    /// Starts Envoy with `config` written to `dir`, and waits until its listener accepts.
+    pub async fn start(dir: &Path, ports: EnvoyPorts) -> anyhow::Result<Envoy> {
+        let cfg = dir.join(format!("envoy-{}.yaml", ports.listen_port));
+        std::fs::write(&cfg, render(&ports))?;
+        let log = std::fs::File::create(dir.join(format!("envoy-{}.log", ports.listen_port)))?;
+        let child = Command::new(envoy_bin())
+            .arg("-c")
+            .arg(&cfg)
+            .args(["--concurrency", "1", "--disable-hot-restart", "-l", "warning"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()?;
+        wait_for_tcp(("127.0.0.1", ports.listen_port), std::time::Duration::from_secs(20)).await?;
+        Ok(Envoy { ports, _child: child })
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        ([127, 0, 0, 1], self.ports.listen_port).into()
+    }
+}
+
+/// Runs `envoy --mode validate` on a config file.
+pub fn validate(config: &Path) -> anyhow::Result<()> {
+    let out = std::process::Command::new(envoy_bin())
+        .args(["--mode", "validate", "--disable-hot-restart", "-l", "error", "-c"])
+        .arg(config)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "envoy --mode validate {} failed:\n{}{}",
+        config.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}

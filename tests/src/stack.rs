@@ -1,0 +1,129 @@
+//! A whole data plane on loopback: the API double, sandgate-extproc and a real Envoy.
+//!
+//! Scenarios talk to the cluster only through `kube::Client` and a kubeconfig, as they would to a
+//! real cluster; only the double itself is test code.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+use crate::apidouble::ApiDouble;
+use crate::envoy::{Envoy, EnvoyPorts};
+use crate::procs::{eventually, free_port, get, Extproc, Reply};
+
+/// The domain the test stacks route.
+pub const DOMAIN: &str = "sandbox.localhost";
+
+pub struct Stack {
+    pub api: ApiDouble,
+    pub dir: tempfile::TempDir,
+    pub kubeconfig: PathBuf,
+    pub client: kube::Client,
+    pub extproc: Extproc,
+    pub envoy: Envoy,
+}
+
+impl Stack {
+    /// Starts everything and waits until the extproc is ready.
+    pub async fn start() -> Stack {
+        Self::start_with(&[]).await
+    }
+
+    pub async fn start_with(extproc_flags: &[&str]) -> Stack {
+        let api = ApiDouble::start().await.expect("api double");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kubeconfig = api.write_kubeconfig(dir.path()).expect("kubeconfig");
+        let client = client_for(&kubeconfig).await;
+        let grpc_port = free_port();
+        let mut flags = vec!["--domain", DOMAIN];
+        flags.extend_from_slice(extproc_flags);
+        let extproc = Extproc::spawn(dir.path(), &kubeconfig, grpc_port, &flags).expect("spawn extproc");
+        let ports = EnvoyPorts {
+            listen_addr: "127.0.0.1".into(),
+            listen_port: free_port(),
+            extproc_port: grpc_port,
+            admin_port: free_port(),
+        };
+        let envoy = Envoy::start(dir.path(), ports).await.expect("envoy");
+        extproc.wait_ready(Duration::from_secs(20)).await;
+        Stack { api, dir, kubeconfig, client, extproc, envoy }
+    }
+
+    pub fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), "default")
+    }
+
+    /// Creates a claimed sandbox pod and waits until the kubelet runs it.
+    pub async fn sandbox(&self, pod_name: &str, id: &str, port: u16) -> Pod {
+        self.create_pod(pod_name, Some(id), "running", port).await
+    }
+
+    pub async fn create_pod(&self, pod_name: &str, id: Option<&str>, phase: &str, port: u16) -> Pod {
+        let pods = self.pods();
+        pods.create(&PostParams::default(), &sandbox_pod(pod_name, id, phase, port)).await.expect("create pod");
+        eventually(Duration::from_secs(10), || async {
+            let p = pods.get(pod_name).await.map_err(|e| e.to_string())?;
+            match p.status.as_ref().and_then(|s| s.pod_ip.as_ref()) {
+                Some(_) => Ok(p),
+                None => Err(format!("{pod_name} has no IP yet")),
+            }
+        })
+        .await
+    }
+
+    /// Merge-patches a pod's contract labels.
+    pub async fn set_labels(&self, pod_name: &str, labels: serde_json::Value) {
+        let patch = json!({"metadata": {"labels": labels}});
+        self.pods().patch(pod_name, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("patch pod");
+    }
+
+    pub async fn delete(&self, pod_name: &str) {
+        self.pods().delete(pod_name, &DeleteParams::default()).await.expect("delete pod");
+    }
+
+    /// GET through Envoy.
+    pub async fn get(&self, host: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
+        get(self.envoy.addr(), host, path, headers).await.expect("request through envoy")
+    }
+
+    /// Waits until requests to `host` get `status`.
+    pub async fn until_status(&self, host: &str, status: u16, within: Duration) -> Reply {
+        eventually(within, || async {
+            let r = get(self.envoy.addr(), host, "/", &[]).await.map_err(|e| e.to_string())?;
+            if r.status == status { Ok(r) } else { Err(format!("{host}: got {} {}", r.status, r.body)) }
+        })
+        .await
+    }
+
+    pub fn envoy_addr(&self) -> SocketAddr {
+        self.envoy.addr()
+    }
+}
+
+/// A kube client from a kubeconfig file, as the binaries build theirs.
+pub async fn client_for(kubeconfig: &std::path::Path) -> kube::Client {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig).expect("read kubeconfig");
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.expect("kubeconfig");
+    kube::Client::try_from(cfg).expect("client")
+}
+
+/// A pool pod in the contract's shape, serving `port`.
+pub fn sandbox_pod(name: &str, id: Option<&str>, phase: &str, port: u16) -> Pod {
+    let mut labels = json!({"sandgate.dev/pool": "demo", "sandgate.dev/phase": phase});
+    if let Some(id) = id {
+        labels["sandgate.dev/sandbox-id"] = json!(id);
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default", "labels": labels,
+                     "annotations": {"sandgate.dev/port": port.to_string()}},
+        "spec": {"containers": [{"name": "sandbox", "image": "sandgate/echo:test",
+                                 "ports": [{"containerPort": port}]}]},
+    }))
+    .expect("pod fixture")
+}
