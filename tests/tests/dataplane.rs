@@ -125,11 +125,7 @@ async fn released_or_deleted_pods_stop_routing_within_a_second() {
 async fn spoofed_destinations_never_reach_another_address() {
     let s = Stack::start().await;
     let pod = s.sandbox("pod-mine", "sbx-mine", 8080).await;
-    // A canary on another loopback address and port: it must never be hit.
-    let canary = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let canary_addr: SocketAddr = canary.local_addr().unwrap();
-    let hits = Arc::new(AtomicUsize::new(0));
-    tokio::spawn(sandgate_tests::echo::serve(canary, "canary".into(), hits.clone()));
+    let (canary_addr, hits) = canary().await;
     let target = canary_addr.to_string();
     let spoof = [
         ("x-sandbox-destination", target.as_str()),
@@ -164,12 +160,26 @@ async fn extproc_down_means_503_never_a_fall_through() {
     let mut s = Stack::start().await;
     s.sandbox("pod-x", "sbx-x", 8080).await;
     s.until_status("8080-sbx-x.sandbox.localhost", 200, SEC).await;
+    let (canary, hits) = canary().await;
+    let target = canary.to_string();
     s.extproc.kill().await;
     for _ in 0..5 {
-        let r = s.get("8080-sbx-x.sandbox.localhost", "/", &[]).await;
+        let r = s
+            .get("8080-sbx-x.sandbox.localhost", "/", &[("x-envoy-original-dst-host", &target), ("x-sandbox-destination", &target)])
+            .await;
         assert_eq!(r.status, 503, "{}", r.body);
         assert!(r.pod().is_none());
     }
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "a request fell through to the canary");
+}
+
+/// An echo server on another loopback address that no request may ever reach.
+async fn canary() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(sandgate_tests::echo::serve(listener, "canary".into(), hits.clone()));
+    (addr, hits)
 }
 
 #[tokio::test]
