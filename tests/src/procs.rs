@@ -149,3 +149,8 @@ impl Extproc {
         Ok(tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await??)
     }
 }
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn ctrl_c() {
+    sandgate_extproc::shutdown::signal().await
+}

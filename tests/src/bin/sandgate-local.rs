@@ -1,0 +1,88 @@
+//! `make run`: a gateway you can curl, with no cluster. Starts the Kubernetes API double (with its
+//! loopback kubelet), a few demo sandboxes, sandgate-extproc and Envoy (envoy/local.yaml), prints
+//! working curl commands, and stops everything on Ctrl-C.
+
+use std::time::Duration;
+
+use clap::Parser;
+use kube::api::{Api, PostParams};
+use sandgate_tests::apidouble::ApiDouble;
+use sandgate_tests::envoy::{envoy_bin, EnvoyPorts};
+use sandgate_tests::procs::{bin_path, eventually, get, wait_for_tcp, workspace_root};
+use sandgate_tests::stack::{client_for, sandbox_pod};
+use tokio::process::Command;
+
+#[derive(Parser)]
+struct Args {
+    /// Address of the API double (kubectl works against it with .run/kubeconfig).
+    #[arg(long, default_value = "127.0.0.1:16443")]
+    api_addr: std::net::SocketAddr,
+    /// Domain of the sandbox hosts.
+    #[arg(long, default_value = "sandbox.localhost")]
+    domain: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt().with_env_filter("warn").init();
+    let args = Args::parse();
+    let run_dir = workspace_root().join(".run");
+    std::fs::create_dir_all(&run_dir)?;
+    let api = ApiDouble::start_on(args.api_addr, Some(77)).await?;
+    let kubeconfig = api.write_kubeconfig(&run_dir)?;
+    let client = client_for(&kubeconfig).await;
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client, "default");
+    for (name, id, port) in [("demo-pod-1", "demo-1", 8080), ("demo-pod-2", "demo-2", 8080), ("demo-pod-3", "demo-3", 3000)] {
+        pods.create(&PostParams::default(), &sandbox_pod(name, Some(id), "running", port)).await?;
+    }
+    pods.create(&PostParams::default(), &sandbox_pod("demo-pod-4", Some("demo-booting"), "starting", 8080)).await?;
+
+    let local = EnvoyPorts::local();
+    let log = std::fs::File::create(run_dir.join("extproc.log"))?;
+    let _extproc = Command::new(bin_path("sandgate-extproc"))
+        .env("KUBECONFIG", &kubeconfig)
+        .args(["--grpc-addr", &format!("127.0.0.1:{}", local.extproc_port)])
+        .args(["--admin-addr", "127.0.0.1:9090", "--domain", &args.domain])
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()?;
+    let log = std::fs::File::create(run_dir.join("envoy.log"))?;
+    let _envoy = Command::new(envoy_bin())
+        .arg("-c")
+        .arg(workspace_root().join("envoy/local.yaml"))
+        .args(["--concurrency", "1", "--disable-hot-restart", "-l", "warning"])
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()?;
+    wait_for_tcp(("127.0.0.1", local.listen_port), Duration::from_secs(20)).await?;
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], 9090));
+    eventually(Duration::from_secs(20), || async {
+        match get(admin, "localhost", "/readyz", &[]).await {
+            Ok(r) if r.status == 200 => Ok(()),
+            other => Err(format!("extproc not ready: {other:?} (see .run/extproc.log)")),
+        }
+    })
+    .await;
+
+    let d = &args.domain;
+    let p = local.listen_port;
+    println!(
+        "\nsandgate is running: Envoy on 127.0.0.1:{p}, extproc metrics on 127.0.0.1:9090, API double on {}\n\
+         \nTry:\n\
+         \x20 curl -H 'Host: 8080-demo-1.{d}' localhost:{p}/hello           # host form, port 8080\n\
+         \x20 curl -H 'Host: demo-3.{d}' localhost:{p}/                      # host form, the pod's default port\n\
+         \x20 curl -H 'x-sandbox-id: demo-2' -H 'x-sandbox-port: 8080' localhost:{p}/   # header form\n\
+         \x20 curl localhost:{p}/sandboxes/demo-3/3000/api?x=1                 # path form (prefix stripped)\n\
+         \x20 curl -i -H 'Host: 8080-nobody.{d}' localhost:{p}/               # 502 sandbox not found\n\
+         \x20 curl -i -H 'Host: 8080-demo-booting.{d}' localhost:{p}/         # 503 not ready\n\
+         \x20 curl localhost:9090/metrics\n\
+         \x20 KUBECONFIG=.run/kubeconfig kubectl get pods --show-labels\n\
+         \nLogs in .run/. Ctrl-C stops everything.",
+        api.addr
+    );
+    sandgate_tests::procs::ctrl_c().await;
+    println!("stopping");
+    Ok(())
+}
