@@ -17,14 +17,22 @@ pub enum Decision<'a> {
         rewritten_path: Option<Cow<'a, str>>,
     },
     /// Unknown or released sandbox: 502, which E2B SDKs read as "sandbox gone".
-    NotFound { id: Cow<'a, str> },
+    NotFound {
+        id: Cow<'a, str>,
+    },
     /// Claimed but not serving yet: 503 with `retry-after`.
-    NotReady { id: Cow<'a, str> },
+    NotReady {
+        id: Cow<'a, str>,
+    },
     /// The index has no entry and the API could not be asked: 503 with `retry-after`.
-    LookupFailed { id: Cow<'a, str> },
+    LookupFailed {
+        id: Cow<'a, str>,
+    },
     BadRequest(AddressError),
     /// The address names no port and neither the pod nor the config has a default: 400.
-    NoPort { id: Cow<'a, str> },
+    NoPort {
+        id: Cow<'a, str>,
+    },
 }
 
 impl Decision<'_> {
@@ -40,7 +48,11 @@ impl Decision<'_> {
 }
 
 /// Decides for a parsed address. The destination IP only ever comes from `resolved`.
-pub fn decide<'a>(addr: SandboxAddress<'a>, resolved: Resolved, default_port: Option<u16>) -> Decision<'a> {
+pub fn decide<'a>(
+    addr: SandboxAddress<'a>,
+    resolved: Resolved,
+    default_port: Option<u16>,
+) -> Decision<'a> {
     use crate::index::RouteState;
     let id = addr.id;
     let route = match resolved {
@@ -49,13 +61,15 @@ pub fn decide<'a>(addr: SandboxAddress<'a>, resolved: Resolved, default_port: Op
         Resolved::Failed => return Decision::LookupFailed { id },
     };
     match (route.state, route.ip) {
-        (RouteState::Running, Some(ip)) => match addr.port.or(route.default_port).or(default_port) {
-            Some(port) => Decision::Route {
-                dest: SocketAddr::new(ip, port),
-                rewritten_path: addr.rewritten_path,
-            },
-            None => Decision::NoPort { id },
-        },
+        (RouteState::Running, Some(ip)) => {
+            match addr.port.or(route.default_port).or(default_port) {
+                Some(port) => Decision::Route {
+                    dest: SocketAddr::new(ip, port),
+                    rewritten_path: addr.rewritten_path,
+                },
+                None => Decision::NoPort { id },
+            }
+        }
         (RouteState::Running | RouteState::NotReady, _) => Decision::NotReady { id },
         (RouteState::Gone, _) => Decision::NotFound { id },
     }
@@ -97,16 +111,31 @@ mod tests {
         assert_eq!(dest(decide(addr(None), r, Some(9))), "10.0.0.1:3000");
         let no_ann = found(RouteState::Running, Some("10.0.0.1"), None);
         assert_eq!(dest(decide(addr(None), no_ann, Some(9))), "10.0.0.1:9");
-        assert!(matches!(decide(addr(None), no_ann, None), Decision::NoPort { .. }));
+        assert!(matches!(
+            decide(addr(None), no_ann, None),
+            Decision::NoPort { .. }
+        ));
     }
 
     #[test]
     fn states_map_to_answers() {
-        assert!(matches!(decide(addr(Some(1)), Resolved::Absent, None), Decision::NotFound { .. }));
-        assert!(matches!(decide(addr(Some(1)), Resolved::Failed, None), Decision::LookupFailed { .. }));
+        assert!(matches!(
+            decide(addr(Some(1)), Resolved::Absent, None),
+            Decision::NotFound { .. }
+        ));
+        assert!(matches!(
+            decide(addr(Some(1)), Resolved::Failed, None),
+            Decision::LookupFailed { .. }
+        ));
         let starting = found(RouteState::NotReady, None, None);
-        assert!(matches!(decide(addr(Some(1)), starting, None), Decision::NotReady { .. }));
+        assert!(matches!(
+            decide(addr(Some(1)), starting, None),
+            Decision::NotReady { .. }
+        ));
         let gone = found(RouteState::Gone, Some("10.0.0.1"), None);
-        assert!(matches!(decide(addr(Some(1)), gone, None), Decision::NotFound { .. }));
+        assert!(matches!(
+            decide(addr(Some(1)), gone, None),
+            Decision::NotFound { .. }
+        ));
     }
 }

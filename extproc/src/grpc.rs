@@ -69,19 +69,20 @@ impl ExternalProcessor for Processor {
     ) -> Result<Response<Self::ProcessStream>, Status> {
         let inbound = request.into_inner();
         let router = self.0.clone();
-        let replies = futures::stream::unfold((inbound, router), |(mut inbound, router)| async move {
-            match inbound.message().await {
-                Ok(Some(msg)) => {
-                    let reply = router.on_message(msg).await;
-                    Some((Ok(reply), (inbound, router)))
+        let replies =
+            futures::stream::unfold((inbound, router), |(mut inbound, router)| async move {
+                match inbound.message().await {
+                    Ok(Some(msg)) => {
+                        let reply = router.on_message(msg).await;
+                        Some((Ok(reply), (inbound, router)))
+                    }
+                    Ok(None) => None,
+                    Err(status) => {
+                        tracing::trace!(%status, "ext_proc stream ended by Envoy");
+                        None
+                    }
                 }
-                Ok(None) => None,
-                Err(status) => {
-                    tracing::trace!(%status, "ext_proc stream ended by Envoy");
-                    None
-                }
-            }
-        });
+            });
         Ok(Response::new(Box::pin(replies)))
     }
 }
@@ -110,7 +111,11 @@ impl Router {
         let mut parts = RequestParts::default();
         let mut remove = Removals::default();
         for h in headers.headers.iter().flat_map(|m| m.headers.iter()) {
-            let v = if h.raw_value.is_empty() { h.value.as_bytes() } else { &h.raw_value[..] };
+            let v = if h.raw_value.is_empty() {
+                h.value.as_bytes()
+            } else {
+                &h.raw_value[..]
+            };
             match h.key.as_str() {
                 ":authority" => parts.authority = v,
                 ":path" => parts.path = v,
@@ -199,7 +204,9 @@ fn route_reply(dest: String, rewritten_path: Option<&str>, remove: Removals) -> 
     };
     let mut mutation = HeaderMutation::default();
     if let Some(path) = rewritten_path {
-        mutation.set_headers.push(set_header(":path", path.as_bytes()));
+        mutation
+            .set_headers
+            .push(set_header(":path", path.as_bytes()));
     }
     if remove.id {
         mutation.remove_headers.push(HEADER_ID.to_string());
@@ -220,17 +227,26 @@ fn route_reply(dest: String, rewritten_path: Option<&str>, remove: Removals) -> 
     }
 }
 
-fn immediate(status: u16, details: &str, body: serde_json::Value, retry: bool) -> ProcessingResponse {
+fn immediate(
+    status: u16,
+    details: &str,
+    body: serde_json::Value,
+    retry: bool,
+) -> ProcessingResponse {
     let mut headers = HeaderMutation {
         set_headers: vec![set_header("content-type", b"application/json")],
         ..Default::default()
     };
     if retry {
-        headers.set_headers.push(set_header("retry-after", RETRY_AFTER_SECS));
+        headers
+            .set_headers
+            .push(set_header("retry-after", RETRY_AFTER_SECS));
     }
     ProcessingResponse {
         response: Some(Resp::ImmediateResponse(ImmediateResponse {
-            status: Some(HttpStatus { code: i32::from(status) }),
+            status: Some(HttpStatus {
+                code: i32::from(status),
+            }),
             headers: Some(headers),
             body: body.to_string().into_bytes(),
             details: details.to_string(),

@@ -100,7 +100,11 @@ pub fn pod_hash(namespace: &str, name: &str) -> u64 {
 }
 
 /// Reads a pod through the contract. `None` when it carries no valid sandbox ID.
-pub fn route_from_pod(pod: &Pod, contract: &Contract, scope: u16) -> Option<(SandboxKey, PodRoute)> {
+pub fn route_from_pod(
+    pod: &Pod,
+    contract: &Contract,
+    scope: u16,
+) -> Option<(SandboxKey, PodRoute)> {
     let meta = &pod.metadata;
     let labels = meta.labels.as_ref()?;
     let key = SandboxKey::new(labels.get(&contract.label_sandbox_id)?)?;

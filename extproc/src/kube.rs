@@ -109,10 +109,17 @@ impl PodLookup for KubeLookup {
         let apis = self.apis.clone();
         let contract = self.contract.clone();
         Box::pin(async move {
-            let params = ListParams::default().labels(&format!("{}={}", contract.label_sandbox_id, id.as_str()));
+            let params = ListParams::default().labels(&format!(
+                "{}={}",
+                contract.label_sandbox_id,
+                id.as_str()
+            ));
             let mut best: Option<PodRoute> = None;
             for (scope, api) in apis {
-                let pods = api.list(&params).await.map_err(|e| LookupError::Api(e.to_string()))?;
+                let pods = api
+                    .list(&params)
+                    .await
+                    .map_err(|e| LookupError::Api(e.to_string()))?;
                 for pod in &pods.items {
                     if let Some((_, r)) = route_from_pod(pod, &contract, scope) {
                         if best.is_none_or(|b| !b.is_routable() && r.is_routable()) {

@@ -27,7 +27,9 @@ pub use config::Config;
 pub fn init_tracing(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         b.json().init();
     } else {
@@ -37,9 +39,7 @@ pub fn init_tracing(format: &str) {
 
 /// Runs the extproc until SIGTERM or Ctrl-C.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let contract = Arc::new(
-        Contract::new(&config.label_prefix).context("--label-prefix")?,
-    );
+    let contract = Arc::new(Contract::new(&config.label_prefix).context("--label-prefix")?);
     let addresses = AddressConfig::new(&config.domains).context("--domain")?;
     if addresses.domains().is_empty() {
         tracing::warn!("no --domain configured: only the header and path forms will route");

@@ -65,7 +65,11 @@ impl Metrics {
             requests.clone(),
         );
         let cache = Family::<ResultLabels, Counter>::default();
-        reg.register("route_cache", "Route index reads, by result (hit, miss)", cache.clone());
+        reg.register(
+            "route_cache",
+            "Route index reads, by result (hit, miss)",
+            cache.clone(),
+        );
         let lookups = Family::<ResultLabels, Counter>::default();
         reg.register(
             "api_lookups",
@@ -79,7 +83,11 @@ impl Metrics {
             decision_seconds.clone(),
         );
         let indexed_sandboxes = Gauge::default();
-        reg.register("indexed_sandboxes", "Sandboxes in the route index", indexed_sandboxes.clone());
+        reg.register(
+            "indexed_sandboxes",
+            "Sandboxes in the route index",
+            indexed_sandboxes.clone(),
+        );
         let index_synced = Gauge::default();
         reg.register(
             "index_synced",
@@ -87,11 +95,25 @@ impl Metrics {
             index_synced.clone(),
         );
         let watch_events = Counter::default();
-        reg.register("watch_events", "Pod watch events applied to the index", watch_events.clone());
+        reg.register(
+            "watch_events",
+            "Pod watch events applied to the index",
+            watch_events.clone(),
+        );
         let watch_errors = Counter::default();
-        reg.register("watch_errors", "Pod watch errors (the watch retries with backoff)", watch_errors.clone());
-        let outcome = |o| requests.get_or_create(&OutcomeLabels { outcome: o }).clone();
-        let result = |f: &Family<ResultLabels, Counter>, r| f.get_or_create(&ResultLabels { result: r }).clone();
+        reg.register(
+            "watch_errors",
+            "Pod watch errors (the watch retries with backoff)",
+            watch_errors.clone(),
+        );
+        let outcome = |o| {
+            requests
+                .get_or_create(&OutcomeLabels { outcome: o })
+                .clone()
+        };
+        let result = |f: &Family<ResultLabels, Counter>, r| {
+            f.get_or_create(&ResultLabels { result: r }).clone()
+        };
         Metrics {
             routed: outcome(Outcome::routed),
             not_found: outcome(Outcome::not_found),
@@ -159,7 +181,11 @@ impl AtomicHistogram {
     }
 
     pub fn count(&self) -> u64 {
-        self.0.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+        self.0
+            .counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
     }
 }
 
@@ -177,7 +203,8 @@ impl EncodeMetric for AtomicHistogram {
         }
         let count = buckets.iter().map(|b| b.1).sum();
         let sum = h.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
+        encoder
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
     }
 
     fn metric_type(&self) -> MetricType {
@@ -201,10 +228,22 @@ mod tests {
         assert_eq!(m.decision_seconds.count(), 3);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
-        assert!(out.contains("sandgate_extproc_decision_duration_seconds_bucket{le=\"0.000005\"} 1"), "{out}");
-        assert!(out.contains("sandgate_extproc_decision_duration_seconds_bucket{le=\"0.00005\"} 2"), "{out}");
-        assert!(out.contains("sandgate_extproc_decision_duration_seconds_count 3"), "{out}");
+        assert!(
+            out.contains("sandgate_extproc_decision_duration_seconds_bucket{le=\"0.000005\"} 1"),
+            "{out}"
+        );
+        assert!(
+            out.contains("sandgate_extproc_decision_duration_seconds_bucket{le=\"0.00005\"} 2"),
+            "{out}"
+        );
+        assert!(
+            out.contains("sandgate_extproc_decision_duration_seconds_count 3"),
+            "{out}"
+        );
         assert!(out.contains("le=\"+Inf\"} 3"), "{out}");
-        assert!(out.contains("sandgate_extproc_requests_total{outcome=\"routed\"} 1"), "{out}");
+        assert!(
+            out.contains("sandgate_extproc_requests_total{outcome=\"routed\"} 1"),
+            "{out}"
+        );
     }
 }

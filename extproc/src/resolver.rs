@@ -104,7 +104,10 @@ impl Resolver {
         Resolved::Failed
     }
 
-    fn lookup(&self, key: SandboxKey) -> impl std::future::Future<Output = Result<LookedUp, LookupError>> + Send + 'static {
+    fn lookup(
+        &self,
+        key: SandboxKey,
+    ) -> impl std::future::Future<Output = Result<LookedUp, LookupError>> + Send + 'static {
         let epoch = self.index.epoch();
         let fut = self.source.lookup(key);
         let timeout = self.timeout;

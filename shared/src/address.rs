@@ -191,7 +191,7 @@ fn parse_host_label(label: &[u8]) -> Result<SandboxAddress<'_>, AddressError> {
     let digits = label.bytes().take_while(u8::is_ascii_digit).count();
     let (port, id, form) = match label.as_bytes().get(digits) {
         Some(b'-') if digits > 0 => (
-            Some(parse_port(label[..digits].as_bytes())?),
+            Some(parse_port(&label.as_bytes()[..digits])?),
             &label[digits + 1..],
             AddressForm::HostWithPort,
         ),
@@ -253,7 +253,9 @@ pub fn validate_id(id: &str) -> Result<&str, AddressError> {
         ));
     }
     if id.starts_with('-') || id.ends_with('-') {
-        return Err(AddressError::InvalidId("must start and end with a letter or digit"));
+        return Err(AddressError::InvalidId(
+            "must start and end with a letter or digit",
+        ));
     }
     Ok(id)
 }

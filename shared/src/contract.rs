@@ -76,7 +76,9 @@ pub struct Contract {
 
 /// A label prefix that Kubernetes would reject.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid label prefix {0:?}: expected a DNS subdomain followed by '/', e.g. \"sandgate.dev/\"")]
+#[error(
+    "invalid label prefix {0:?}: expected a DNS subdomain followed by '/', e.g. \"sandgate.dev/\""
+)]
 pub struct InvalidPrefix(pub String);
 
 impl Contract {
@@ -142,7 +144,14 @@ mod tests {
 
     #[test]
     fn bad_prefixes_are_rejected() {
-        for p in ["sandgate.dev", "/", "Sandgate.dev/", "-a.dev/", "a..b/", "a b/"] {
+        for p in [
+            "sandgate.dev",
+            "/",
+            "Sandgate.dev/",
+            "-a.dev/",
+            "a..b/",
+            "a b/",
+        ] {
             assert!(Contract::new(p).is_err(), "{p} should be rejected");
         }
     }

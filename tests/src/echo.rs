@@ -20,9 +20,17 @@ use tokio_tungstenite::tungstenite::{handshake::derive_accept_key, protocol::Rol
 use tokio_tungstenite::WebSocketStream;
 
 /// Binds `ip:port` and serves until the handle is aborted.
-pub async fn bind(ip: impl Into<IpAddr>, port: u16, name: String) -> std::io::Result<JoinHandle<()>> {
+pub async fn bind(
+    ip: impl Into<IpAddr>,
+    port: u16,
+    name: String,
+) -> std::io::Result<JoinHandle<()>> {
     let listener = TcpListener::bind(SocketAddr::new(ip.into(), port)).await?;
-    Ok(tokio::spawn(serve(listener, name, Arc::new(AtomicUsize::new(0)))))
+    Ok(tokio::spawn(serve(
+        listener,
+        name,
+        Arc::new(AtomicUsize::new(0)),
+    )))
 }
 
 /// Serves on a bound listener, counting every request in `hits`.
@@ -30,7 +38,9 @@ pub async fn serve(listener: TcpListener, name: String, hits: Arc<AtomicUsize>) 
     let name: Arc<str> = name.into();
     let local = listener.local_addr().ok();
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let (name, hits) = (name.clone(), hits.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
@@ -45,7 +55,11 @@ pub async fn serve(listener: TcpListener, name: String, hits: Arc<AtomicUsize>) 
     }
 }
 
-fn respond(name: &Arc<str>, local: Option<SocketAddr>, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
+fn respond(
+    name: &Arc<str>,
+    local: Option<SocketAddr>,
+    mut req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let is_ws = req
         .headers()
         .get(http::header::UPGRADE)
@@ -53,13 +67,17 @@ fn respond(name: &Arc<str>, local: Option<SocketAddr>, mut req: Request<Incoming
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
     if is_ws {
         let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
-            return Response::builder().status(400).body(Full::new(Bytes::from("no key"))).unwrap_or_default();
+            return Response::builder()
+                .status(400)
+                .body(Full::new(Bytes::from("no key")))
+                .unwrap_or_default();
         };
         let name = name.clone();
         let upgrade = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
             let Ok(upgraded) = upgrade.await else { return };
-            let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+            let mut ws =
+                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
             while let Some(Ok(msg)) = ws.next().await {
                 let reply = match msg {
                     Message::Text(t) => Message::text(format!("{name}:{t}")),

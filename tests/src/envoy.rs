@@ -5,7 +5,7 @@ use std::process::Stdio;
 
 use tokio::process::{Child, Command};
 
-use crate::procs::{workspace_root, wait_for_tcp};
+use crate::procs::{wait_for_tcp, workspace_root};
 
 /// Values substituted into `envoy/bootstrap.yaml.in`.
 #[derive(Debug, Clone)]
@@ -19,16 +19,27 @@ pub struct EnvoyPorts {
 impl EnvoyPorts {
     /// The production sidecar layout.
     pub fn production() -> Self {
-        EnvoyPorts { listen_addr: "0.0.0.0".into(), listen_port: 8080, extproc_port: 9001, admin_port: 9901 }
+        EnvoyPorts {
+            listen_addr: "0.0.0.0".into(),
+            listen_port: 8080,
+            extproc_port: 9001,
+            admin_port: 9901,
+        }
     }
     /// `make run`: everything on loopback.
     pub fn local() -> Self {
-        EnvoyPorts { listen_addr: "127.0.0.1".into(), listen_port: 10000, extproc_port: 9001, admin_port: 9901 }
+        EnvoyPorts {
+            listen_addr: "127.0.0.1".into(),
+            listen_port: 10000,
+            extproc_port: 9001,
+            admin_port: 9901,
+        }
     }
 }
 
 pub fn template() -> String {
-    std::fs::read_to_string(workspace_root().join("envoy/bootstrap.yaml.in")).expect("envoy/bootstrap.yaml.in")
+    std::fs::read_to_string(workspace_root().join("envoy/bootstrap.yaml.in"))
+        .expect("envoy/bootstrap.yaml.in")
 }
 
 pub fn render(p: &EnvoyPorts) -> String {
@@ -43,7 +54,10 @@ pub fn render(p: &EnvoyPorts) -> String {
 pub fn committed() -> [(PathBuf, String); 2] {
     let root = workspace_root();
     [
-        (root.join("envoy/production.yaml"), render(&EnvoyPorts::production())),
+        (
+            root.join("envoy/production.yaml"),
+            render(&EnvoyPorts::production()),
+        ),
         (root.join("envoy/local.yaml"), render(&EnvoyPorts::local())),
     ]
 }
@@ -54,7 +68,11 @@ pub fn envoy_bin() -> PathBuf {
         return p.into();
     }
     let p = workspace_root().join(".tools/envoy/envoy/_bin/envoy");
-    assert!(p.exists(), "Envoy not found at {}: run `make envoy` (or set ENVOY_BIN)", p.display());
+    assert!(
+        p.exists(),
+        "Envoy not found at {}: run `make envoy` (or set ENVOY_BIN)",
+        p.display()
+    );
     p
 }
 
@@ -73,14 +91,27 @@ impl Envoy {
         let child = Command::new(envoy_bin())
             .arg("-c")
             .arg(&cfg)
-            .args(["--concurrency", "1", "--disable-hot-restart", "-l", "warning"])
+            .args([
+                "--concurrency",
+                "1",
+                "--disable-hot-restart",
+                "-l",
+                "warning",
+            ])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .kill_on_drop(true)
             .spawn()?;
-        wait_for_tcp(("127.0.0.1", ports.listen_port), std::time::Duration::from_secs(20)).await?;
-        Ok(Envoy { ports, _child: child })
+        wait_for_tcp(
+            ("127.0.0.1", ports.listen_port),
+            std::time::Duration::from_secs(20),
+        )
+        .await?;
+        Ok(Envoy {
+            ports,
+            _child: child,
+        })
     }
 
     pub fn addr(&self) -> std::net::SocketAddr {
@@ -91,7 +122,14 @@ impl Envoy {
 /// Runs `envoy --mode validate` on a config file.
 pub fn validate(config: &Path) -> anyhow::Result<()> {
     let out = std::process::Command::new(envoy_bin())
-        .args(["--mode", "validate", "--disable-hot-restart", "-l", "error", "-c"])
+        .args([
+            "--mode",
+            "validate",
+            "--disable-hot-restart",
+            "-l",
+            "error",
+            "-c",
+        ])
         .arg(config)
         .output()?;
     anyhow::ensure!(

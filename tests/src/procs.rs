@@ -13,7 +13,10 @@ use tokio::process::{Child, Command};
 
 /// The repository root.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 /// A workspace binary built by `cargo build` (the Makefile builds them before tests run).
@@ -25,22 +28,35 @@ pub fn bin_path(name: &str) -> PathBuf {
         dir.pop();
     }
     let p = dir.join(name);
-    assert!(p.exists(), "{} not built: run `cargo build --workspace --bins` first", p.display());
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build --workspace --bins` first",
+        p.display()
+    );
     p
 }
 
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
-pub async fn wait_for_tcp(addr: impl ToSocketAddrs + Clone, within: Duration) -> anyhow::Result<()> {
+pub async fn wait_for_tcp(
+    addr: impl ToSocketAddrs + Clone,
+    within: Duration,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + within;
     loop {
         if TcpStream::connect(addr.clone()).await.is_ok() {
             return Ok(());
         }
-        anyhow::ensure!(Instant::now() < deadline, "nothing listening after {within:?}");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "nothing listening after {within:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -80,19 +96,31 @@ impl Reply {
 }
 
 /// One HTTP/1.1 GET with the given Host and extra headers.
-pub async fn get(addr: std::net::SocketAddr, host: &str, path: &str, headers: &[(&str, &str)]) -> anyhow::Result<Reply> {
+pub async fn get(
+    addr: std::net::SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<Reply> {
     let stream = TcpStream::connect(addr).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     let mut req = http::Request::get(path).header(http::header::HOST, host);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let resp = sender.send_request(req.body(Empty::<Bytes>::new())?).await?;
+    let resp = sender
+        .send_request(req.body(Empty::<Bytes>::new())?)
+        .await?;
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let body = resp.into_body().collect().await?.to_bytes();
-    Ok(Reply { status, headers, body: String::from_utf8_lossy(&body).into_owned() })
+    Ok(Reply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
 }
 
 /// A running sandgate-extproc, killed on drop.
@@ -104,9 +132,17 @@ pub struct Extproc {
 
 impl Extproc {
     /// Starts the binary against `kubeconfig`, with `extra` flags. Does not wait for readiness.
-    pub fn spawn(dir: &Path, kubeconfig: &Path, grpc_port: u16, extra: &[&str]) -> anyhow::Result<Extproc> {
+    pub fn spawn(
+        dir: &Path,
+        kubeconfig: &Path,
+        grpc_port: u16,
+        extra: &[&str],
+    ) -> anyhow::Result<Extproc> {
         let admin_port = free_port();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("extproc-{grpc_port}.log")))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("extproc-{grpc_port}.log")))?;
         let child = Command::new(bin_path("sandgate-extproc"))
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,sandgate_extproc=debug")
@@ -118,20 +154,36 @@ impl Extproc {
             .stderr(log)
             .kill_on_drop(true)
             .spawn()?;
-        Ok(Extproc { grpc_port, admin_port, child })
+        Ok(Extproc {
+            grpc_port,
+            admin_port,
+            child,
+        })
     }
 
     pub async fn admin_get(&self, path: &str) -> anyhow::Result<Reply> {
-        get(([127, 0, 0, 1], self.admin_port).into(), "localhost", path, &[]).await
+        get(
+            ([127, 0, 0, 1], self.admin_port).into(),
+            "localhost",
+            path,
+            &[],
+        )
+        .await
     }
 
     pub async fn is_ready(&self) -> bool {
-        self.admin_get("/readyz").await.is_ok_and(|r| r.status == 200)
+        self.admin_get("/readyz")
+            .await
+            .is_ok_and(|r| r.status == 200)
     }
 
     pub async fn wait_ready(&self, within: Duration) {
         eventually(within, || async {
-            if self.is_ready().await { Ok(()) } else { Err("extproc not ready".to_string()) }
+            if self.is_ready().await {
+                Ok(())
+            } else {
+                Err("extproc not ready".to_string())
+            }
         })
         .await
     }
@@ -144,7 +196,9 @@ impl Extproc {
     /// SIGTERM, then wait for a clean exit.
     pub async fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         if let Some(pid) = self.child.id() {
-            std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
+            std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()?;
         }
         Ok(tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await??)
     }

@@ -41,7 +41,8 @@ impl Stack {
         let grpc_port = free_port();
         let mut flags = vec!["--domain", DOMAIN];
         flags.extend_from_slice(extproc_flags);
-        let extproc = Extproc::spawn(dir.path(), &kubeconfig, grpc_port, &flags).expect("spawn extproc");
+        let extproc =
+            Extproc::spawn(dir.path(), &kubeconfig, grpc_port, &flags).expect("spawn extproc");
         let ports = EnvoyPorts {
             listen_addr: "127.0.0.1".into(),
             listen_port: free_port(),
@@ -50,7 +51,14 @@ impl Stack {
         };
         let envoy = Envoy::start(dir.path(), ports).await.expect("envoy");
         extproc.wait_ready(Duration::from_secs(20)).await;
-        Stack { api, dir, kubeconfig, client, extproc, envoy }
+        Stack {
+            api,
+            dir,
+            kubeconfig,
+            client,
+            extproc,
+            envoy,
+        }
     }
 
     pub fn pods(&self) -> Api<Pod> {
@@ -62,9 +70,20 @@ impl Stack {
         self.create_pod(pod_name, Some(id), "running", port).await
     }
 
-    pub async fn create_pod(&self, pod_name: &str, id: Option<&str>, phase: &str, port: u16) -> Pod {
+    pub async fn create_pod(
+        &self,
+        pod_name: &str,
+        id: Option<&str>,
+        phase: &str,
+        port: u16,
+    ) -> Pod {
         let pods = self.pods();
-        pods.create(&PostParams::default(), &sandbox_pod(pod_name, id, phase, port)).await.expect("create pod");
+        pods.create(
+            &PostParams::default(),
+            &sandbox_pod(pod_name, id, phase, port),
+        )
+        .await
+        .expect("create pod");
         eventually(Duration::from_secs(10), || async {
             let p = pods.get(pod_name).await.map_err(|e| e.to_string())?;
             match p.status.as_ref().and_then(|s| s.pod_ip.as_ref()) {
@@ -78,23 +97,37 @@ impl Stack {
     /// Merge-patches a pod's contract labels.
     pub async fn set_labels(&self, pod_name: &str, labels: serde_json::Value) {
         let patch = json!({"metadata": {"labels": labels}});
-        self.pods().patch(pod_name, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("patch pod");
+        self.pods()
+            .patch(pod_name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .expect("patch pod");
     }
 
     pub async fn delete(&self, pod_name: &str) {
-        self.pods().delete(pod_name, &DeleteParams::default()).await.expect("delete pod");
+        self.pods()
+            .delete(pod_name, &DeleteParams::default())
+            .await
+            .expect("delete pod");
     }
 
     /// GET through Envoy.
     pub async fn get(&self, host: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
-        get(self.envoy.addr(), host, path, headers).await.expect("request through envoy")
+        get(self.envoy.addr(), host, path, headers)
+            .await
+            .expect("request through envoy")
     }
 
     /// Waits until requests to `host` get `status`.
     pub async fn until_status(&self, host: &str, status: u16, within: Duration) -> Reply {
         eventually(within, || async {
-            let r = get(self.envoy.addr(), host, "/", &[]).await.map_err(|e| e.to_string())?;
-            if r.status == status { Ok(r) } else { Err(format!("{host}: got {} {}", r.status, r.body)) }
+            let r = get(self.envoy.addr(), host, "/", &[])
+                .await
+                .map_err(|e| e.to_string())?;
+            if r.status == status {
+                Ok(r)
+            } else {
+                Err(format!("{host}: got {} {}", r.status, r.body))
+            }
         })
         .await
     }
@@ -107,7 +140,9 @@ impl Stack {
 /// A kube client from a kubeconfig file, as the binaries build theirs.
 pub async fn client_for(kubeconfig: &std::path::Path) -> kube::Client {
     let kc = kube::config::Kubeconfig::read_from(kubeconfig).expect("read kubeconfig");
-    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.expect("kubeconfig");
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .expect("kubeconfig");
     kube::Client::try_from(cfg).expect("client")
 }
 

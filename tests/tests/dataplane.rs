@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use serde_json::json;
 use sandgate_tests::procs::{eventually, get};
 use sandgate_tests::stack::Stack;
+use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
 const SEC: Duration = Duration::from_secs(1);
@@ -21,21 +21,52 @@ async fn every_address_form_routes_to_the_right_pod() {
     s.sandbox("pod-c", "sbx-c", 3000).await;
 
     let r = s.get("8080-sbx-b.sandbox.localhost", "/hello", &[]).await;
-    assert_eq!((r.status, r.pod().as_deref()), (200, Some("pod-b")), "{}", r.body);
+    assert_eq!(
+        (r.status, r.pod().as_deref()),
+        (200, Some("pod-b")),
+        "{}",
+        r.body
+    );
 
     // Default port from the pod's `port` annotation.
     let r = s.get("sbx-c.sandbox.localhost", "/", &[]).await;
-    assert_eq!((r.status, r.pod().as_deref()), (200, Some("pod-c")), "{}", r.body);
+    assert_eq!(
+        (r.status, r.pod().as_deref()),
+        (200, Some("pod-c")),
+        "{}",
+        r.body
+    );
 
     // Headers: routed, and stripped before reaching the pod.
-    let r = s.get("gateway.example", "/x", &[("x-sandbox-id", "sbx-a"), ("x-sandbox-port", "8080")]).await;
-    assert_eq!((r.status, r.pod().as_deref()), (200, Some("pod-a")), "{}", r.body);
+    let r = s
+        .get(
+            "gateway.example",
+            "/x",
+            &[("x-sandbox-id", "sbx-a"), ("x-sandbox-port", "8080")],
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.pod().as_deref()),
+        (200, Some("pod-a")),
+        "{}",
+        r.body
+    );
     let seen = &r.json()["headers"];
-    assert!(seen.get("x-sandbox-id").is_none() && seen.get("x-sandbox-port").is_none(), "{seen}");
+    assert!(
+        seen.get("x-sandbox-id").is_none() && seen.get("x-sandbox-port").is_none(),
+        "{seen}"
+    );
 
     // Path: prefix stripped, query kept.
-    let r = s.get("gateway.example", "/sandboxes/sbx-c/3000/api/v1?q=1", &[]).await;
-    assert_eq!((r.status, r.pod().as_deref()), (200, Some("pod-c")), "{}", r.body);
+    let r = s
+        .get("gateway.example", "/sandboxes/sbx-c/3000/api/v1?q=1", &[])
+        .await;
+    assert_eq!(
+        (r.status, r.pod().as_deref()),
+        (200, Some("pod-c")),
+        "{}",
+        r.body
+    );
     assert_eq!(r.json()["path"], "/api/v1?q=1");
 }
 
@@ -45,25 +76,41 @@ async fn websocket_round_trips_through_envoy() {
     s.sandbox("pod-ws", "sbx-ws", 8080).await;
     s.sandbox("pod-other", "sbx-other", 8080).await;
     let url = format!("ws://{}/socket", s.envoy_addr());
-    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url).unwrap();
-    req.headers_mut().insert("host", "8080-sbx-ws.sandbox.localhost".parse().unwrap());
-    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.expect("websocket upgrade through envoy");
+    let mut req =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+            .unwrap();
+    req.headers_mut()
+        .insert("host", "8080-sbx-ws.sandbox.localhost".parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("websocket upgrade through envoy");
     assert_eq!(resp.status(), 101);
     for i in 0..3 {
         ws.send(Message::text(format!("ping {i}"))).await.unwrap();
-        let reply = tokio::time::timeout(5 * SEC, ws.next()).await.unwrap().unwrap().unwrap();
-        assert_eq!(reply.into_text().unwrap().as_str(), format!("pod-ws:ping {i}"));
+        let reply = tokio::time::timeout(5 * SEC, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            reply.into_text().unwrap().as_str(),
+            format!("pod-ws:ping {i}")
+        );
     }
 }
 
 #[tokio::test]
 async fn error_answers_are_clear() {
     let s = Stack::start().await;
-    s.create_pod("pod-boot", Some("sbx-boot"), "starting", 8080).await;
+    s.create_pod("pod-boot", Some("sbx-boot"), "starting", 8080)
+        .await;
 
     let r = s.get("8080-nobody.sandbox.localhost", "/", &[]).await;
     assert_eq!(r.status, 502);
-    assert_eq!(r.json(), json!({"error": "sandbox not found", "sandbox_id": "nobody"}));
+    assert_eq!(
+        r.json(),
+        json!({"error": "sandbox not found", "sandbox_id": "nobody"})
+    );
     assert_eq!(r.headers["content-type"], "application/json");
 
     let r = s.get("8080-sbx-boot.sandbox.localhost", "/", &[]).await;
@@ -76,7 +123,11 @@ async fn error_answers_are_clear() {
         ("8080-UP_per.sandbox.localhost", "/", vec![]),
         ("gateway.example", "/sandboxes/abc/", vec![]),
         ("gateway.example", "/sandboxes/abc/notaport/x", vec![]),
-        ("gateway.example", "/", vec![("x-sandbox-id", "abc"), ("x-sandbox-port", "0")]),
+        (
+            "gateway.example",
+            "/",
+            vec![("x-sandbox-id", "abc"), ("x-sandbox-port", "0")],
+        ),
         ("gateway.example", "/", vec![]),
     ] {
         let r = s.get(host, path, &headers).await;
@@ -90,9 +141,18 @@ async fn a_pod_marked_running_just_before_its_first_request_routes() {
     let s = Stack::start().await;
     // An idle warm pod (no sandbox id) that is claimed right before the request.
     s.create_pod("pod-warm", None, "idle", 8080).await;
-    s.set_labels("pod-warm", json!({"sandgate.dev/sandbox-id": "sbx-new", "sandgate.dev/phase": "running"})).await;
+    s.set_labels(
+        "pod-warm",
+        json!({"sandgate.dev/sandbox-id": "sbx-new", "sandgate.dev/phase": "running"}),
+    )
+    .await;
     let r = s.get("8080-sbx-new.sandbox.localhost", "/", &[]).await;
-    assert_eq!((r.status, r.pod().as_deref()), (200, Some("pod-warm")), "{}", r.body);
+    assert_eq!(
+        (r.status, r.pod().as_deref()),
+        (200, Some("pod-warm")),
+        "{}",
+        r.body
+    );
 }
 
 #[tokio::test]
@@ -101,9 +161,14 @@ async fn a_claim_after_a_negative_answer_routes_within_a_second() {
     s.create_pod("pod-late", None, "idle", 8080).await;
     let r = s.get("8080-sbx-late.sandbox.localhost", "/", &[]).await;
     assert_eq!(r.status, 502);
-    s.set_labels("pod-late", json!({"sandgate.dev/sandbox-id": "sbx-late", "sandgate.dev/phase": "running"})).await;
+    s.set_labels(
+        "pod-late",
+        json!({"sandgate.dev/sandbox-id": "sbx-late", "sandgate.dev/phase": "running"}),
+    )
+    .await;
     // The watch clears the negative entry long before its TTL.
-    s.until_status("8080-sbx-late.sandbox.localhost", 200, SEC).await;
+    s.until_status("8080-sbx-late.sandbox.localhost", 200, SEC)
+        .await;
 }
 
 #[tokio::test]
@@ -111,14 +176,19 @@ async fn released_or_deleted_pods_stop_routing_within_a_second() {
     let s = Stack::start().await;
     s.sandbox("pod-rel", "sbx-rel", 8080).await;
     s.sandbox("pod-del", "sbx-del", 8080).await;
-    s.until_status("8080-sbx-rel.sandbox.localhost", 200, SEC).await;
-    s.until_status("8080-sbx-del.sandbox.localhost", 200, SEC).await;
+    s.until_status("8080-sbx-rel.sandbox.localhost", 200, SEC)
+        .await;
+    s.until_status("8080-sbx-del.sandbox.localhost", 200, SEC)
+        .await;
 
-    s.set_labels("pod-rel", json!({"sandgate.dev/phase": "stopping"})).await;
-    s.until_status("8080-sbx-rel.sandbox.localhost", 502, SEC).await;
+    s.set_labels("pod-rel", json!({"sandgate.dev/phase": "stopping"}))
+        .await;
+    s.until_status("8080-sbx-rel.sandbox.localhost", 502, SEC)
+        .await;
 
     s.delete("pod-del").await;
-    s.until_status("8080-sbx-del.sandbox.localhost", 502, SEC).await;
+    s.until_status("8080-sbx-del.sandbox.localhost", 502, SEC)
+        .await;
 }
 
 #[tokio::test]
@@ -134,7 +204,12 @@ async fn spoofed_destinations_never_reach_another_address() {
 
     // With a valid address: the client's own pod, whatever it claims.
     let r = s.get("8080-sbx-mine.sandbox.localhost", "/", &spoof).await;
-    assert_eq!((r.status, r.pod().as_deref()), (200, Some("pod-mine")), "{}", r.body);
+    assert_eq!(
+        (r.status, r.pod().as_deref()),
+        (200, Some("pod-mine")),
+        "{}",
+        r.body
+    );
     // Forged paths: never leave the named sandbox's pod.
     for path in [
         "/sandboxes/sbx-mine/8080/../../sandboxes/other/1/",
@@ -142,12 +217,25 @@ async fn spoofed_destinations_never_reach_another_address() {
         &format!("/sandboxes/sbx-mine/8080/http://{target}/"),
     ] {
         let r = s.get("gateway.example", path, &spoof).await;
-        assert!(r.status != 200 || r.pod().as_deref() == Some("pod-mine"), "{path}: {}", r.body);
+        assert!(
+            r.status != 200 || r.pod().as_deref() == Some("pod-mine"),
+            "{path}: {}",
+            r.body
+        );
     }
     // Without a valid address: rejected, never passed through.
-    for host in ["gateway.example", target.as_str(), "8080-nobody.sandbox.localhost"] {
+    for host in [
+        "gateway.example",
+        target.as_str(),
+        "8080-nobody.sandbox.localhost",
+    ] {
         let r = s.get(host, "/", &spoof).await;
-        assert!(r.status == 400 || r.status == 502, "{host}: {} {}", r.status, r.body);
+        assert!(
+            r.status == 400 || r.status == 502,
+            "{host}: {} {}",
+            r.status,
+            r.body
+        );
     }
     let ip = pod.status.unwrap().pod_ip.unwrap();
     let r = s.get(&format!("{ip}:8080"), "/", &spoof).await;
@@ -159,18 +247,30 @@ async fn spoofed_destinations_never_reach_another_address() {
 async fn extproc_down_means_503_never_a_fall_through() {
     let mut s = Stack::start().await;
     s.sandbox("pod-x", "sbx-x", 8080).await;
-    s.until_status("8080-sbx-x.sandbox.localhost", 200, SEC).await;
+    s.until_status("8080-sbx-x.sandbox.localhost", 200, SEC)
+        .await;
     let (canary, hits) = canary().await;
     let target = canary.to_string();
     s.extproc.kill().await;
     for _ in 0..5 {
         let r = s
-            .get("8080-sbx-x.sandbox.localhost", "/", &[("x-envoy-original-dst-host", &target), ("x-sandbox-destination", &target)])
+            .get(
+                "8080-sbx-x.sandbox.localhost",
+                "/",
+                &[
+                    ("x-envoy-original-dst-host", &target),
+                    ("x-sandbox-destination", &target),
+                ],
+            )
             .await;
         assert_eq!(r.status, 503, "{}", r.body);
         assert!(r.pod().is_none());
     }
-    assert_eq!(hits.load(Ordering::SeqCst), 0, "a request fell through to the canary");
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        0,
+        "a request fell through to the canary"
+    );
 }
 
 /// An echo server on another loopback address that no request may ever reach.
@@ -178,7 +278,11 @@ async fn canary() -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let hits = Arc::new(AtomicUsize::new(0));
-    tokio::spawn(sandgate_tests::echo::serve(listener, "canary".into(), hits.clone()));
+    tokio::spawn(sandgate_tests::echo::serve(
+        listener,
+        "canary".into(),
+        hits.clone(),
+    ));
     (addr, hits)
 }
 
@@ -186,7 +290,8 @@ async fn canary() -> (SocketAddr, Arc<AtomicUsize>) {
 async fn restarted_extproc_is_not_ready_until_synced_then_never_502s() {
     let mut s = Stack::start().await;
     for i in 0..5 {
-        s.sandbox(&format!("pod-{i}"), &format!("sbx-{i}"), 8080).await;
+        s.sandbox(&format!("pod-{i}"), &format!("sbx-{i}"), 8080)
+            .await;
     }
     s.extproc.kill().await;
     // The API is slow to list: the new process must stay unready meanwhile.
@@ -206,11 +311,16 @@ async fn restarted_extproc_is_not_ready_until_synced_then_never_502s() {
         }
     })
     .await;
-    assert!(!s.extproc.is_ready().await, "ready before the first list completed");
+    assert!(
+        !s.extproc.is_ready().await,
+        "ready before the first list completed"
+    );
     s.api.set_list_delay(None);
     s.extproc.wait_ready(10 * SEC).await;
     for i in 0..5 {
-        let r = s.get(&format!("8080-sbx-{i}.sandbox.localhost"), "/", &[]).await;
+        let r = s
+            .get(&format!("8080-sbx-{i}.sandbox.localhost"), "/", &[])
+            .await;
         assert_eq!(r.status, 200, "sbx-{i}: {}", r.body);
     }
 }

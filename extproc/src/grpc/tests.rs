@@ -18,14 +18,37 @@ fn router() -> Router {
     let index = Arc::new(RouteIndex::new());
     index.apply(
         SandboxKey::new("abc").unwrap(),
-        PodRoute { ip: Some("10.1.2.3".parse().unwrap()), default_port: None, state: RouteState::Running, pod: 1, scope: 0 },
+        PodRoute {
+            ip: Some("10.1.2.3".parse().unwrap()),
+            default_port: None,
+            state: RouteState::Running,
+            pod: 1,
+            scope: 0,
+        },
     );
     index.apply(
         SandboxKey::new("booting").unwrap(),
-        PodRoute { ip: None, default_port: None, state: RouteState::NotReady, pod: 2, scope: 0 },
+        PodRoute {
+            ip: None,
+            default_port: None,
+            state: RouteState::NotReady,
+            pod: 2,
+            scope: 0,
+        },
     );
-    let resolver = Arc::new(Resolver::new(index, Arc::new(NoApi), Duration::from_secs(1), Duration::from_secs(1), metrics.clone()));
-    Router { addresses: AddressConfig::new(["sandbox.localhost"]).unwrap(), resolver, default_port: Some(8080), metrics }
+    let resolver = Arc::new(Resolver::new(
+        index,
+        Arc::new(NoApi),
+        Duration::from_secs(1),
+        Duration::from_secs(1),
+        metrics.clone(),
+    ));
+    Router {
+        addresses: AddressConfig::new(["sandbox.localhost"]).unwrap(),
+        resolver,
+        default_port: Some(8080),
+        metrics,
+    }
 }
 
 fn headers(pairs: &[(&str, &str)]) -> HttpHeaders {
@@ -33,7 +56,11 @@ fn headers(pairs: &[(&str, &str)]) -> HttpHeaders {
         headers: Some(HeaderMap {
             headers: pairs
                 .iter()
-                .map(|(k, v)| HeaderValue { key: k.to_string(), raw_value: v.as_bytes().to_vec(), ..Default::default() })
+                .map(|(k, v)| HeaderValue {
+                    key: k.to_string(),
+                    raw_value: v.as_bytes().to_vec(),
+                    ..Default::default()
+                })
                 .collect(),
         }),
         ..Default::default()
@@ -41,8 +68,14 @@ fn headers(pairs: &[(&str, &str)]) -> HttpHeaders {
 }
 
 fn destination(r: &ProcessingResponse) -> Option<String> {
-    let lb = r.dynamic_metadata.as_ref()?.fields.get(METADATA_NAMESPACE)?;
-    let Some(Kind::StructValue(s)) = &lb.kind else { return None };
+    let lb = r
+        .dynamic_metadata
+        .as_ref()?
+        .fields
+        .get(METADATA_NAMESPACE)?;
+    let Some(Kind::StructValue(s)) = &lb.kind else {
+        return None;
+    };
     match &s.fields.get(METADATA_KEY)?.kind {
         Some(Kind::StringValue(v)) => Some(v.clone()),
         _ => None,
@@ -51,14 +84,22 @@ fn destination(r: &ProcessingResponse) -> Option<String> {
 
 fn status(r: &ProcessingResponse) -> Option<(i32, String)> {
     match &r.response {
-        Some(Resp::ImmediateResponse(i)) => Some((i.status.unwrap().code, String::from_utf8(i.body.clone()).unwrap())),
+        Some(Resp::ImmediateResponse(i)) => Some((
+            i.status.unwrap().code,
+            String::from_utf8(i.body.clone()).unwrap(),
+        )),
         _ => None,
     }
 }
 
 fn mutation(r: &ProcessingResponse) -> HeaderMutation {
     match &r.response {
-        Some(Resp::RequestHeaders(h)) => h.response.clone().unwrap().header_mutation.unwrap_or_default(),
+        Some(Resp::RequestHeaders(h)) => h
+            .response
+            .clone()
+            .unwrap()
+            .header_mutation
+            .unwrap_or_default(),
         _ => panic!("not a headers response"),
     }
 }
@@ -66,7 +107,12 @@ fn mutation(r: &ProcessingResponse) -> HeaderMutation {
 #[tokio::test]
 async fn routes_host_form_with_metadata_only() {
     let r = router();
-    let reply = r.on_request_headers(&headers(&[(":authority", "3000-abc.sandbox.localhost"), (":path", "/x")])).await;
+    let reply = r
+        .on_request_headers(&headers(&[
+            (":authority", "3000-abc.sandbox.localhost"),
+            (":path", "/x"),
+        ]))
+        .await;
     assert_eq!(destination(&reply).as_deref(), Some("10.1.2.3:3000"));
     assert_eq!(mutation(&reply), HeaderMutation::default());
 }
@@ -75,30 +121,58 @@ async fn routes_host_form_with_metadata_only() {
 async fn header_form_removes_addressing_headers() {
     let r = router();
     let reply = r
-        .on_request_headers(&headers(&[(":authority", "gw"), (":path", "/"), ("x-sandbox-id", "abc"), ("x-sandbox-port", "81")]))
+        .on_request_headers(&headers(&[
+            (":authority", "gw"),
+            (":path", "/"),
+            ("x-sandbox-id", "abc"),
+            ("x-sandbox-port", "81"),
+        ]))
         .await;
     assert_eq!(destination(&reply).as_deref(), Some("10.1.2.3:81"));
-    assert_eq!(mutation(&reply).remove_headers, vec!["x-sandbox-id", "x-sandbox-port"]);
+    assert_eq!(
+        mutation(&reply).remove_headers,
+        vec!["x-sandbox-id", "x-sandbox-port"]
+    );
 }
 
 #[tokio::test]
 async fn path_form_rewrites_path() {
     let r = router();
-    let reply = r.on_request_headers(&headers(&[(":authority", "gw"), (":path", "/sandboxes/abc/9000/api?q=1")])).await;
+    let reply = r
+        .on_request_headers(&headers(&[
+            (":authority", "gw"),
+            (":path", "/sandboxes/abc/9000/api?q=1"),
+        ]))
+        .await;
     assert_eq!(destination(&reply).as_deref(), Some("10.1.2.3:9000"));
     let m = mutation(&reply);
-    assert_eq!(m.set_headers[0].header.as_ref().unwrap().raw_value, b"/api?q=1");
+    assert_eq!(
+        m.set_headers[0].header.as_ref().unwrap().raw_value,
+        b"/api?q=1"
+    );
 }
 
 #[tokio::test]
 async fn error_answers() {
     let r = router();
-    let (code, body) = status(&r.on_request_headers(&headers(&[(":authority", "80-nope.sandbox.localhost")])).await).unwrap();
+    let (code, body) = status(
+        &r.on_request_headers(&headers(&[(":authority", "80-nope.sandbox.localhost")]))
+            .await,
+    )
+    .unwrap();
     assert_eq!(code, 502);
     assert_eq!(body, r#"{"error":"sandbox not found","sandbox_id":"nope"}"#);
-    let (code, _) = status(&r.on_request_headers(&headers(&[(":authority", "80-booting.sandbox.localhost")])).await).unwrap();
+    let (code, _) = status(
+        &r.on_request_headers(&headers(&[(":authority", "80-booting.sandbox.localhost")]))
+            .await,
+    )
+    .unwrap();
     assert_eq!(code, 503);
-    let (code, body) = status(&r.on_request_headers(&headers(&[(":authority", "99999-abc.sandbox.localhost")])).await).unwrap();
+    let (code, body) = status(
+        &r.on_request_headers(&headers(&[(":authority", "99999-abc.sandbox.localhost")]))
+            .await,
+    )
+    .unwrap();
     assert_eq!(code, 400);
     assert!(body.contains("invalid_port"), "{body}");
 }

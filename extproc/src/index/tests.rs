@@ -19,7 +19,12 @@ fn pod(name: &str) -> PodBuilder {
 
 impl PodBuilder {
     fn label(mut self, k: &str, v: &str) -> Self {
-        self.0.metadata.labels.as_mut().unwrap().insert(format!("sandgate.dev/{k}"), v.into());
+        self.0
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert(format!("sandgate.dev/{k}"), v.into());
         self
     }
     fn sandbox(self, id: &str) -> Self {
@@ -39,7 +44,12 @@ impl PodBuilder {
         self.phase("running").ip(ip)
     }
     fn port(mut self, p: &str) -> Self {
-        self.0.metadata.annotations.as_mut().unwrap().insert("sandgate.dev/port".into(), p.into());
+        self.0
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert("sandgate.dev/port".into(), p.into());
         self
     }
     fn deleting(mut self) -> Self {
@@ -53,15 +63,46 @@ impl PodBuilder {
 
 #[test]
 fn pod_states_map_to_routes() {
-    let (k, r) = pod("p").sandbox("abc").running("10.0.0.1").port("8080").route();
+    let (k, r) = pod("p")
+        .sandbox("abc")
+        .running("10.0.0.1")
+        .port("8080")
+        .route();
     assert_eq!(k.as_str(), "abc");
     assert!(r.is_routable());
     assert_eq!(r.default_port, Some(8080));
-    assert_eq!(pod("p").sandbox("a").phase("running").route().1.state, RouteState::NotReady);
-    assert_eq!(pod("p").sandbox("a").phase("starting").route().1.state, RouteState::NotReady);
-    assert_eq!(pod("p").sandbox("a").phase("stopping").ip("1.2.3.4").route().1.state, RouteState::Gone);
-    assert_eq!(pod("p").sandbox("a").running("1.2.3.4").deleting().route().1.state, RouteState::Gone);
-    assert_eq!(pod("p").sandbox("a").running("bad-ip").route().1.state, RouteState::NotReady);
+    assert_eq!(
+        pod("p").sandbox("a").phase("running").route().1.state,
+        RouteState::NotReady
+    );
+    assert_eq!(
+        pod("p").sandbox("a").phase("starting").route().1.state,
+        RouteState::NotReady
+    );
+    assert_eq!(
+        pod("p")
+            .sandbox("a")
+            .phase("stopping")
+            .ip("1.2.3.4")
+            .route()
+            .1
+            .state,
+        RouteState::Gone
+    );
+    assert_eq!(
+        pod("p")
+            .sandbox("a")
+            .running("1.2.3.4")
+            .deleting()
+            .route()
+            .1
+            .state,
+        RouteState::Gone
+    );
+    assert_eq!(
+        pod("p").sandbox("a").running("bad-ip").route().1.state,
+        RouteState::NotReady
+    );
     assert!(route_from_pod(&pod("p").running("1.2.3.4").0, &Contract::default(), 0).is_none());
     assert!(route_from_pod(&pod("p").sandbox("Bad_ID").0, &Contract::default(), 0).is_none());
 }

@@ -31,7 +31,10 @@ fn route(ip: &str) -> PodRoute {
     }
 }
 
-fn setup(answer: Result<Option<PodRoute>, LookupError>, delay_ms: u64) -> (Arc<FakeSource>, Resolver) {
+fn setup(
+    answer: Result<Option<PodRoute>, LookupError>,
+    delay_ms: u64,
+) -> (Arc<FakeSource>, Resolver) {
     let src = Arc::new(FakeSource {
         calls: AtomicUsize::new(0),
         answer: Mutex::new(answer),

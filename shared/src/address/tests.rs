@@ -16,7 +16,10 @@ fn host(h: &str) -> Result<SandboxAddress<'_>, AddressError> {
 #[test]
 fn host_with_port() {
     let a = host("49983-sbx-abc.sandbox.example.com").unwrap();
-    assert_eq!((a.id.as_ref(), a.port, a.form), ("sbx-abc", Some(49983), AddressForm::HostWithPort));
+    assert_eq!(
+        (a.id.as_ref(), a.port, a.form),
+        ("sbx-abc", Some(49983), AddressForm::HostWithPort)
+    );
     let a = host("8080-demo-1.localhost:10000").unwrap();
     assert_eq!((a.id.as_ref(), a.port), ("demo-1", Some(8080)));
 }
@@ -24,16 +27,28 @@ fn host_with_port() {
 #[test]
 fn host_default_port_and_case() {
     let a = host("Demo-1.Sandbox.Example.com.").unwrap();
-    assert_eq!((a.id.as_ref(), a.port, a.form), ("demo-1", None, AddressForm::Host));
+    assert_eq!(
+        (a.id.as_ref(), a.port, a.form),
+        ("demo-1", None, AddressForm::Host)
+    );
 }
 
 #[test]
 fn host_errors() {
-    assert_eq!(host("a.b.sandbox.example.com"), Err(AddressError::MalformedHost));
+    assert_eq!(
+        host("a.b.sandbox.example.com"),
+        Err(AddressError::MalformedHost)
+    );
     assert_eq!(host("99999-abc.localhost"), Err(AddressError::InvalidPort));
     assert_eq!(host("0-abc.localhost"), Err(AddressError::InvalidPort));
-    assert!(matches!(host("80-.localhost"), Err(AddressError::InvalidId(_))));
-    assert!(matches!(host("a_b.localhost"), Err(AddressError::InvalidId(_))));
+    assert!(matches!(
+        host("80-.localhost"),
+        Err(AddressError::InvalidId(_))
+    ));
+    assert!(matches!(
+        host("a_b.localhost"),
+        Err(AddressError::InvalidId(_))
+    ));
     // Not under a sandbox domain, no other form: missing.
     assert_eq!(host("example.org"), Err(AddressError::Missing));
     assert_eq!(host("localhost:10000"), Err(AddressError::Missing));
@@ -52,7 +67,10 @@ fn headers() {
             header_port: Some(b"3000"),
         })
         .unwrap();
-    assert_eq!((a.id.as_ref(), a.port, a.form), ("abc", Some(3000), AddressForm::Header));
+    assert_eq!(
+        (a.id.as_ref(), a.port, a.form),
+        ("abc", Some(3000), AddressForm::Header)
+    );
     let bad = cfg().parse(RequestParts {
         authority: b"gateway.internal",
         header_id: Some(b"abc"),
@@ -78,7 +96,10 @@ fn host_wins_over_headers_and_path() {
             header_port: None,
         })
         .unwrap();
-    assert_eq!((a.id.as_ref(), a.port, a.rewritten_path), ("mine", Some(80), None));
+    assert_eq!(
+        (a.id.as_ref(), a.port, a.rewritten_path),
+        ("mine", Some(80), None)
+    );
 }
 
 fn path(p: &str) -> Result<SandboxAddress<'_>, AddressError> {
@@ -110,8 +131,14 @@ fn path_errors() {
     assert_eq!(path("/sandboxes/abc"), Err(AddressError::MalformedPath));
     assert_eq!(path("/sandboxes/abc/"), Err(AddressError::MalformedPath));
     assert_eq!(path("/sandboxes/abc/x1/"), Err(AddressError::InvalidPort));
-    assert!(matches!(path("/sandboxes/ab%63/80/"), Err(AddressError::InvalidId(_))));
-    assert!(matches!(path("/sandboxes//80/"), Err(AddressError::InvalidId(_))));
+    assert!(matches!(
+        path("/sandboxes/ab%63/80/"),
+        Err(AddressError::InvalidId(_))
+    ));
+    assert!(matches!(
+        path("/sandboxes//80/"),
+        Err(AddressError::InvalidId(_))
+    ));
     assert_eq!(path("/other"), Err(AddressError::Missing));
 }
 
@@ -119,7 +146,10 @@ fn path_errors() {
 fn domains_are_validated() {
     assert!(AddressConfig::new(["bad domain"]).is_err());
     assert!(AddressConfig::new([""]).is_err());
-    assert_eq!(AddressConfig::new([".A.com."]).unwrap().domains(), ["a.com"]);
+    assert_eq!(
+        AddressConfig::new([".A.com."]).unwrap().domains(),
+        ["a.com"]
+    );
 }
 
 fn id_strategy() -> impl Strategy<Value = String> {

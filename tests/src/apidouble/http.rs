@@ -46,9 +46,17 @@ fn parse_path(path: &str) -> Option<Target> {
         [r, n, "status"] => (*r, Some(n.to_string()), true),
         _ => return None,
     };
-    let api_version = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
+    let api_version = if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    };
     Some(Target {
-        resource: if group.is_empty() { resource.to_string() } else { format!("{group}/{resource}") },
+        resource: if group.is_empty() {
+            resource.to_string()
+        } else {
+            format!("{group}/{resource}")
+        },
         api_version,
         namespace,
         name,
@@ -59,7 +67,10 @@ fn parse_path(path: &str) -> Option<Target> {
 fn json_response(code: u16, v: &Value) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(v.to_string())).boxed_unsync());
     *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -67,7 +78,11 @@ fn error(e: ApiError) -> Response<Body> {
     json_response(e.code, &e.to_status())
 }
 
-pub async fn handle(store: Arc<Store>, hooks: Arc<Hooks>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+pub async fn handle(
+    store: Arc<Store>,
+    hooks: Arc<Hooks>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_string();
     let query: HashMap<String, String> = req
         .uri()
@@ -75,7 +90,10 @@ pub async fn handle(store: Arc<Store>, hooks: Arc<Hooks>, req: Request<Incoming>
         .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
         .unwrap_or_default();
     if let Some(token) = &hooks.token {
-        let auth = req.headers().get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let auth = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
         if auth != Some(&format!("Bearer {token}")) {
             return Ok(error(ApiError::new(401, "Unauthorized", "Unauthorized")));
         }
@@ -84,7 +102,11 @@ pub async fn handle(store: Arc<Store>, hooks: Arc<Hooks>, req: Request<Incoming>
         return Ok(json_response(200, &doc));
     }
     let Some(t) = parse_path(&path) else {
-        return Ok(error(ApiError::new(404, "NotFound", format!("the server could not find the requested resource ({path})"))));
+        return Ok(error(ApiError::new(
+            404,
+            "NotFound",
+            format!("the server could not find the requested resource ({path})"),
+        )));
     };
     let method = req.method().clone();
     let content_type = req
@@ -97,14 +119,19 @@ pub async fn handle(store: Arc<Store>, hooks: Arc<Hooks>, req: Request<Incoming>
         Ok(b) => b.to_bytes(),
         Err(_) => return Ok(error(ApiError::new(400, "BadRequest", "unreadable body"))),
     };
-    let parse_body = || serde_json::from_slice::<Value>(&body).map_err(|e| ApiError::new(400, "BadRequest", format!("invalid JSON body: {e}")));
+    let parse_body = || {
+        serde_json::from_slice::<Value>(&body)
+            .map_err(|e| ApiError::new(400, "BadRequest", format!("invalid JSON body: {e}")))
+    };
     let ns = t.namespace.clone().unwrap_or_default();
     let result = match (&method, &t.name) {
         (&Method::GET, None) => {
-            let sel = match Selector::parse(query.get("labelSelector").map(String::as_str).unwrap_or("")) {
-                Ok(s) => s,
-                Err(e) => return Ok(error(ApiError::new(400, "BadRequest", e))),
-            };
+            let sel =
+                match Selector::parse(query.get("labelSelector").map(String::as_str).unwrap_or(""))
+                {
+                    Ok(s) => s,
+                    Err(e) => return Ok(error(ApiError::new(400, "BadRequest", e))),
+                };
             let watching = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
             if watching {
                 return Ok(watch(store, &t, sel, &query));
@@ -118,11 +145,18 @@ pub async fn handle(store: Arc<Store>, hooks: Arc<Hooks>, req: Request<Incoming>
                 .and_then(|o| o["kind"].as_str())
                 .map(|k| format!("{k}List"))
                 .unwrap_or_else(|| "List".into());
-            Ok((200, json!({"apiVersion": t.api_version, "kind": kind, "metadata": {"resourceVersion": rv.to_string()}, "items": items})))
+            Ok((
+                200,
+                json!({"apiVersion": t.api_version, "kind": kind, "metadata": {"resourceVersion": rv.to_string()}, "items": items}),
+            ))
         }
         (&Method::GET, Some(name)) => store.get(&t.resource, &ns, name).map(|o| (200, o)),
-        (&Method::POST, None) => parse_body().and_then(|b| store.create(&t.resource, &ns, b)).map(|o| (201, o)),
-        (&Method::PUT, Some(name)) => parse_body().and_then(|b| store.replace(&t.resource, &ns, name, b, t.status)).map(|o| (200, o)),
+        (&Method::POST, None) => parse_body()
+            .and_then(|b| store.create(&t.resource, &ns, b))
+            .map(|o| (201, o)),
+        (&Method::PUT, Some(name)) => parse_body()
+            .and_then(|b| store.replace(&t.resource, &ns, name, b, t.status))
+            .map(|o| (200, o)),
         (&Method::PATCH, Some(name)) => {
             let kind = if content_type.starts_with("application/json-patch+json") {
                 PatchKind::Json
@@ -131,12 +165,22 @@ pub async fn handle(store: Arc<Store>, hooks: Arc<Hooks>, req: Request<Incoming>
             {
                 PatchKind::Merge
             } else {
-                return Ok(error(ApiError::new(415, "UnsupportedMediaType", format!("unsupported patch type {content_type:?}"))));
+                return Ok(error(ApiError::new(
+                    415,
+                    "UnsupportedMediaType",
+                    format!("unsupported patch type {content_type:?}"),
+                )));
             };
-            parse_body().and_then(|b| store.patch(&t.resource, &ns, name, kind, &b, t.status)).map(|o| (200, o))
+            parse_body()
+                .and_then(|b| store.patch(&t.resource, &ns, name, kind, &b, t.status))
+                .map(|o| (200, o))
         }
         (&Method::DELETE, Some(name)) => store.delete(&t.resource, &ns, name).map(|o| (200, o)),
-        _ => Err(ApiError::new(405, "MethodNotAllowed", format!("{method} not supported on {path}"))),
+        _ => Err(ApiError::new(
+            405,
+            "MethodNotAllowed",
+            format!("{method} not supported on {path}"),
+        )),
     };
     Ok(match result {
         Ok((code, v)) => json_response(code, &v),
@@ -145,7 +189,12 @@ pub async fn handle(store: Arc<Store>, hooks: Arc<Hooks>, req: Request<Incoming>
 }
 
 /// Decides what a watcher with this selector sees of one change.
-fn visible(c: &Change, resource: &str, ns: Option<&str>, sel: &Selector) -> Option<(EventType, Value)> {
+fn visible(
+    c: &Change,
+    resource: &str,
+    ns: Option<&str>,
+    sel: &Selector,
+) -> Option<(EventType, Value)> {
     if c.resource != resource || ns.is_some_and(|ns| ns != c.namespace) {
         return None;
     }
@@ -167,13 +216,32 @@ fn line(kind: &str, object: &Value) -> Result<Frame<Bytes>, Infallible> {
     Ok(Frame::data(Bytes::from(s)))
 }
 
-fn watch(store: Arc<Store>, t: &Target, sel: Selector, query: &HashMap<String, String>) -> Response<Body> {
+fn watch(
+    store: Arc<Store>,
+    t: &Target,
+    sel: Selector,
+    query: &HashMap<String, String>,
+) -> Response<Body> {
     let live = store.subscribe();
-    let since: Option<u64> = query.get("resourceVersion").and_then(|v| v.parse().ok()).filter(|&v| v > 0);
-    let bookmarks = query.get("allowWatchBookmarks").is_some_and(|v| v == "true");
-    let timeout = Duration::from_secs(query.get("timeoutSeconds").and_then(|v| v.parse().ok()).unwrap_or(1800));
+    let since: Option<u64> = query
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .filter(|&v| v > 0);
+    let bookmarks = query
+        .get("allowWatchBookmarks")
+        .is_some_and(|v| v == "true");
+    let timeout = Duration::from_secs(
+        query
+            .get("timeoutSeconds")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1800),
+    );
     let (resource, ns) = (t.resource.clone(), t.namespace.clone());
-    let kind = if t.api_version == "v1" && t.resource == "pods" { "Pod" } else { "Object" };
+    let kind = if t.api_version == "v1" && t.resource == "pods" {
+        "Pod"
+    } else {
+        "Object"
+    };
     let api_version = t.api_version.clone();
 
     // Initial events: either the log after `since`, or the current state as ADDED.
@@ -182,13 +250,18 @@ fn watch(store: Arc<Store>, t: &Target, sel: Selector, query: &HashMap<String, S
             Some(changes) => {
                 let frames = changes
                     .iter()
-                    .filter_map(|c| visible(c, &resource, ns.as_deref(), &sel).map(|(k, o)| line(k.as_str(), &o)))
+                    .filter_map(|c| {
+                        visible(c, &resource, ns.as_deref(), &sel)
+                            .map(|(k, o)| line(k.as_str(), &o))
+                    })
                     .collect();
                 (frames, changes.last().map(|c| c.rv).unwrap_or(rv))
             }
             None => {
                 let gone = ApiError::new(410, "Expired", format!("too old resource version: {rv}"));
-                return streamed(futures::stream::iter(vec![line("ERROR", &gone.to_status())]).boxed());
+                return streamed(
+                    futures::stream::iter(vec![line("ERROR", &gone.to_status())]).boxed(),
+                );
             }
         },
         None => {
@@ -219,26 +292,63 @@ fn watch(store: Arc<Store>, t: &Target, sel: Selector, query: &HashMap<String, S
     streamed(events.boxed())
 }
 
-fn streamed(s: futures::stream::BoxStream<'static, Result<Frame<Bytes>, Infallible>>) -> Response<Body> {
+fn streamed(
+    s: futures::stream::BoxStream<'static, Result<Frame<Bytes>, Infallible>>,
+) -> Response<Body> {
     let mut r = Response::new(BodyExt::boxed_unsync(StreamBody::new(s)));
-    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     r
 }
 
 /// Resources the double advertises: (group, version, [(plural, kind, short name)]).
-const RESOURCES: &[(&str, &str, &[(&str, &str, &str)])] = &[
-    ("", "v1", &[("pods", "Pod", "po"), ("events", "Event", "ev"), ("services", "Service", "svc")]),
+/// (plural, kind, short name).
+type Resource = (&'static str, &'static str, &'static str);
+
+const RESOURCES: &[(&str, &str, &[Resource])] = &[
+    (
+        "",
+        "v1",
+        &[
+            ("pods", "Pod", "po"),
+            ("events", "Event", "ev"),
+            ("services", "Service", "svc"),
+        ],
+    ),
     ("coordination.k8s.io", "v1", &[("leases", "Lease", "")]),
-    ("discovery.k8s.io", "v1", &[("endpointslices", "EndpointSlice", "")]),
-    ("sandgate.dev", "v1alpha1", &[("sandboxpools", "SandboxPool", "sbp"), ("sandboxclaims", "SandboxClaim", "sbc")]),
+    (
+        "discovery.k8s.io",
+        "v1",
+        &[("endpointslices", "EndpointSlice", "")],
+    ),
+    (
+        "sandgate.dev",
+        "v1alpha1",
+        &[
+            ("sandboxpools", "SandboxPool", "sbp"),
+            ("sandboxclaims", "SandboxClaim", "sbc"),
+        ],
+    ),
 ];
 
 /// Discovery documents, so kubectl works against the double.
 fn discovery(path: &str) -> Option<Value> {
-    let gv = |g: &str, v: &str| if g.is_empty() { v.to_string() } else { format!("{g}/{v}") };
+    let gv = |g: &str, v: &str| {
+        if g.is_empty() {
+            v.to_string()
+        } else {
+            format!("{g}/{v}")
+        }
+    };
     match path.trim_end_matches('/') {
-        "/version" => Some(json!({"major": "1", "minor": "36", "gitVersion": "v1.36.0-sandgate-double", "platform": "linux/amd64"})),
-        "/api" => Some(json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []})),
+        "/version" => Some(
+            json!({"major": "1", "minor": "36", "gitVersion": "v1.36.0-sandgate-double", "platform": "linux/amd64"}),
+        ),
+        "/api" => Some(
+            json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}),
+        ),
         "/apis" => {
             let groups: Vec<Value> = RESOURCES
                 .iter()
@@ -251,16 +361,26 @@ fn discovery(path: &str) -> Option<Value> {
             Some(json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}))
         }
         p => {
-            let (g, v, res) = RESOURCES.iter().find(|(g, v, _)| p == format!("/api/{v}") && g.is_empty() || p == format!("/apis/{g}/{v}"))?;
-            let verbs = ["create", "delete", "get", "list", "patch", "update", "watch"];
+            let (g, v, res) = RESOURCES.iter().find(|(g, v, _)| {
+                p == format!("/api/{v}") && g.is_empty() || p == format!("/apis/{g}/{v}")
+            })?;
+            let verbs = [
+                "create", "delete", "get", "list", "patch", "update", "watch",
+            ];
             let mut resources = Vec::new();
             for (plural, kind, short) in res.iter() {
                 let singular = kind.to_lowercase();
-                let shorts: Vec<&str> = if short.is_empty() { vec![] } else { vec![short] };
+                let shorts: Vec<&str> = if short.is_empty() {
+                    vec![]
+                } else {
+                    vec![short]
+                };
                 resources.push(json!({"name": plural, "singularName": singular, "namespaced": true, "kind": kind, "verbs": verbs, "shortNames": shorts}));
                 resources.push(json!({"name": format!("{plural}/status"), "singularName": "", "namespaced": true, "kind": kind, "verbs": ["get", "patch", "update"]}));
             }
-            Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv(g, v), "resources": resources}))
+            Some(
+                json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv(g, v), "resources": resources}),
+            )
         }
     }
 }

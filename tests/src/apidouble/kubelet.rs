@@ -25,7 +25,10 @@ pub async fn run(store: Arc<Store>, net: u8) {
         if change.resource != "pods" {
             continue;
         }
-        let name = change.object["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        let name = change.object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let key = (change.namespace.clone(), name.clone());
         if change.kind == EventType::Deleted {
             for h in servers.remove(&key).unwrap_or_default() {
@@ -34,7 +37,10 @@ pub async fn run(store: Arc<Store>, net: u8) {
             continue;
         }
         let has_ip = change.object["status"]["podIP"].is_string();
-        if has_ip || servers.contains_key(&key) || change.object["metadata"]["deletionTimestamp"].is_string() {
+        if has_ip
+            || servers.contains_key(&key)
+            || change.object["metadata"]["deletionTimestamp"].is_string()
+        {
             continue;
         }
         next += 1;
@@ -45,7 +51,9 @@ pub async fn run(store: Arc<Store>, net: u8) {
         for port in container_ports(&change.object) {
             match echo::bind(ip, port, name.clone()).await {
                 Ok(h) => handles.push(h),
-                Err(e) => tracing::warn!(%ip, port, error = %e, "kubelet: cannot start echo server"),
+                Err(e) => {
+                    tracing::warn!(%ip, port, error = %e, "kubelet: cannot start echo server")
+                }
             }
         }
         servers.insert(key, handles);
@@ -58,7 +66,14 @@ pub async fn run(store: Arc<Store>, net: u8) {
                 {"type": "ContainersReady", "status": "True"},
             ],
         }});
-        if let Err(e) = store.patch("pods", &change.namespace, &name, PatchKind::Merge, &status, true) {
+        if let Err(e) = store.patch(
+            "pods",
+            &change.namespace,
+            &name,
+            PatchKind::Merge,
+            &status,
+            true,
+        ) {
             tracing::warn!(pod = %name, error = ?e, "kubelet: status update failed");
         }
     }
@@ -70,7 +85,11 @@ fn container_ports(pod: &Value) -> Vec<u16> {
         .into_iter()
         .flatten()
         .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
-        .filter_map(|p| p["containerPort"].as_u64().and_then(|p| u16::try_from(p).ok()))
+        .filter_map(|p| {
+            p["containerPort"]
+                .as_u64()
+                .and_then(|p| u16::try_from(p).ok())
+        })
         .collect();
     ports.sort_unstable();
     ports.dedup();

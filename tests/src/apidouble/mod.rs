@@ -62,10 +62,13 @@ impl ApiDouble {
             let (store, hooks) = (store.clone(), hooks.clone());
             tokio::spawn(async move {
                 loop {
-                    let Ok((stream, _)) = listener.accept().await else { continue };
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
                     let (store, hooks) = (store.clone(), hooks.clone());
                     tokio::spawn(async move {
-                        let svc = service_fn(move |req| http::handle(store.clone(), hooks.clone(), req));
+                        let svc =
+                            service_fn(move |req| http::handle(store.clone(), hooks.clone(), req));
                         let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                             .serve_connection(TokioIo::new(stream), svc)
                             .await;
@@ -74,12 +77,22 @@ impl ApiDouble {
             })
         };
         let kubelet = tokio::spawn(kubelet::run(store.clone(), net));
-        Ok(ApiDouble { addr, store, hooks, net, tasks: vec![serve, kubelet] })
+        Ok(ApiDouble {
+            addr,
+            store,
+            hooks,
+            net,
+            tasks: vec![serve, kubelet],
+        })
     }
 
     /// Makes every list answer only after `d` (None to stop).
     pub fn set_list_delay(&self, d: Option<Duration>) {
-        *self.hooks.list_delay.lock().unwrap_or_else(|e| e.into_inner()) = d;
+        *self
+            .hooks
+            .list_delay
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = d;
     }
 
     /// Writes a kubeconfig pointing at the double.
@@ -109,7 +122,12 @@ pub fn rfc3339(secs: u64) -> String {
     let days = secs / 86400;
     let rem = secs % 86400;
     let (y, m, d) = civil_from_days(days as i64);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
@@ -127,7 +145,9 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 pub fn random_suffix() -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
-    (0..5).map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char).collect()
+    (0..5)
+        .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
+        .collect()
 }
 
 #[cfg(test)]

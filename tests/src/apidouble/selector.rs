@@ -61,10 +61,18 @@ fn parse_req(s: &str) -> Result<Req, String> {
     }
     for (op, ctor) in [(" notin ", true), (" in ", false)] {
         if let Some((k, vs)) = s.split_once(op) {
-            let vs = vs.trim().strip_prefix('(').and_then(|v| v.strip_suffix(')')).ok_or(format!("bad set in {s:?}"))?;
+            let vs = vs
+                .trim()
+                .strip_prefix('(')
+                .and_then(|v| v.strip_suffix(')'))
+                .ok_or(format!("bad set in {s:?}"))?;
             let vs = vs.split(',').map(|v| v.trim().to_string()).collect();
             let k = k.trim().to_string();
-            return Ok(if ctor { Req::NotIn(k, vs) } else { Req::In(k, vs) });
+            return Ok(if ctor {
+                Req::NotIn(k, vs)
+            } else {
+                Req::In(k, vs)
+            });
         }
     }
     if let Some((k, v)) = s.split_once("!=") {
@@ -88,8 +96,16 @@ mod tests {
     fn selectors_match() {
         let o = json!({"metadata": {"labels": {"a": "1", "b": "x"}}});
         for (s, want) in [
-            ("a", true), ("!a", false), ("a=1", true), ("a==2", false), ("a!=2", true),
-            ("b in (x,y)", true), ("b notin (x)", false), ("a=1,b=x", true), ("a=1,c", false), ("", true),
+            ("a", true),
+            ("!a", false),
+            ("a=1", true),
+            ("a==2", false),
+            ("a!=2", true),
+            ("b in (x,y)", true),
+            ("b notin (x)", false),
+            ("a=1,b=x", true),
+            ("a=1,c", false),
+            ("", true),
         ] {
             assert_eq!(Selector::parse(s).unwrap().matches(&o), want, "{s}");
         }

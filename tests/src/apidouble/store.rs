@@ -51,7 +51,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
-        ApiError { code, reason, message: message.into() }
+        ApiError {
+            code,
+            reason,
+            message: message.into(),
+        }
     }
     pub fn not_found(resource: &str, name: &str) -> Self {
         Self::new(404, "NotFound", format!("{resource} \"{name}\" not found"))
@@ -103,7 +107,12 @@ impl Store {
     pub fn new() -> Self {
         let (changes, _) = broadcast::channel(65_536);
         Store {
-            inner: Mutex::new(Inner { rv: 1, uid: 0, objects: BTreeMap::new(), log: VecDeque::new() }),
+            inner: Mutex::new(Inner {
+                rv: 1,
+                uid: 0,
+                objects: BTreeMap::new(),
+                log: VecDeque::new(),
+            }),
             changes,
         }
     }
@@ -120,7 +129,15 @@ impl Store {
         self.lock().rv
     }
 
-    fn record(&self, inner: &mut Inner, resource: &str, ns: &str, kind: EventType, object: Value, old: Option<Value>) {
+    fn record(
+        &self,
+        inner: &mut Inner,
+        resource: &str,
+        ns: &str,
+        kind: EventType,
+        object: Value,
+        old: Option<Value>,
+    ) {
         let change = Arc::new(Change {
             rv: inner.rv,
             resource: resource.to_string(),
@@ -146,12 +163,22 @@ impl Store {
             Some(n) if !n.is_empty() => n.to_string(),
             _ => match meta.get("generateName").and_then(Value::as_str) {
                 Some(g) => format!("{g}{}", super::random_suffix()),
-                None => return Err(ApiError::new(422, "Invalid", "metadata.name or metadata.generateName is required")),
+                None => {
+                    return Err(ApiError::new(
+                        422,
+                        "Invalid",
+                        "metadata.name or metadata.generateName is required",
+                    ))
+                }
             },
         };
         let key = (resource.to_string(), ns.to_string(), name.clone());
         if inner.objects.contains_key(&key) {
-            return Err(ApiError::new(409, "AlreadyExists", format!("{resource} \"{name}\" already exists")));
+            return Err(ApiError::new(
+                409,
+                "AlreadyExists",
+                format!("{resource} \"{name}\" already exists"),
+            ));
         }
         inner.rv += 1;
         inner.uid += 1;
@@ -159,13 +186,23 @@ impl Store {
         if !ns.is_empty() {
             meta.insert("namespace".into(), json!(ns));
         }
-        meta.insert("uid".into(), json!(format!("00000000-0000-4000-8000-{:012x}", inner.uid)));
+        meta.insert(
+            "uid".into(),
+            json!(format!("00000000-0000-4000-8000-{:012x}", inner.uid)),
+        );
         meta.insert("resourceVersion".into(), json!(inner.rv.to_string()));
         meta.insert("creationTimestamp".into(), json!(now()));
         meta.insert("generation".into(), json!(1));
         meta.remove("deletionTimestamp");
         inner.objects.insert(key, obj.clone());
-        self.record(&mut inner, resource, ns, EventType::Added, obj.clone(), None);
+        self.record(
+            &mut inner,
+            resource,
+            ns,
+            EventType::Added,
+            obj.clone(),
+            None,
+        );
         Ok(obj)
     }
 
@@ -190,20 +227,38 @@ impl Store {
     }
 
     /// Replaces an object (PUT). `status` selects the status subresource.
-    pub fn replace(&self, resource: &str, ns: &str, name: &str, new: Value, status: bool) -> Result<Value, ApiError> {
+    pub fn replace(
+        &self,
+        resource: &str,
+        ns: &str,
+        name: &str,
+        new: Value,
+        status: bool,
+    ) -> Result<Value, ApiError> {
         self.write(resource, ns, name, status, |_| Ok(new))
     }
 
-    pub fn patch(&self, resource: &str, ns: &str, name: &str, kind: PatchKind, body: &Value, status: bool) -> Result<Value, ApiError> {
+    pub fn patch(
+        &self,
+        resource: &str,
+        ns: &str,
+        name: &str,
+        kind: PatchKind,
+        body: &Value,
+        status: bool,
+    ) -> Result<Value, ApiError> {
         self.write(resource, ns, name, status, |cur| {
             let mut doc = cur.clone();
             match kind {
                 PatchKind::Merge => json_patch::merge(&mut doc, body),
                 PatchKind::Json => {
-                    let ops: json_patch::Patch = serde_json::from_value(body.clone())
-                        .map_err(|e| ApiError::new(400, "BadRequest", format!("invalid JSON patch: {e}")))?;
-                    json_patch::patch(&mut doc, &ops)
-                        .map_err(|e| ApiError::new(422, "Invalid", format!("JSON patch failed: {e}")))?;
+                    let ops: json_patch::Patch =
+                        serde_json::from_value(body.clone()).map_err(|e| {
+                            ApiError::new(400, "BadRequest", format!("invalid JSON patch: {e}"))
+                        })?;
+                    json_patch::patch(&mut doc, &ops).map_err(|e| {
+                        ApiError::new(422, "Invalid", format!("JSON patch failed: {e}"))
+                    })?;
                 }
             }
             Ok(doc)
@@ -221,9 +276,16 @@ impl Store {
     ) -> Result<Value, ApiError> {
         let mut inner = self.lock();
         let key = (resource.to_string(), ns.to_string(), name.to_string());
-        let cur = inner.objects.get(&key).cloned().ok_or_else(|| ApiError::not_found(resource, name))?;
+        let cur = inner
+            .objects
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(resource, name))?;
         let mut new = f(&cur)?;
-        let cur_rv = cur["metadata"]["resourceVersion"].as_str().unwrap_or_default().to_string();
+        let cur_rv = cur["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         match new["metadata"]["resourceVersion"].as_str() {
             Some(rv) if !rv.is_empty() && rv != cur_rv => {
                 return Err(ApiError::new(
@@ -247,7 +309,13 @@ impl Store {
                 }
             }
             // Immutable identity fields stay.
-            for f in ["name", "namespace", "uid", "creationTimestamp", "deletionTimestamp"] {
+            for f in [
+                "name",
+                "namespace",
+                "uid",
+                "creationTimestamp",
+                "deletionTimestamp",
+            ] {
                 match cur["metadata"].get(f) {
                     Some(v) => new["metadata"][f] = v.clone(),
                     None => {
@@ -269,13 +337,29 @@ impl Store {
         inner.rv += 1;
         merged["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
         let finalizing = merged["metadata"].get("deletionTimestamp").is_some()
-            && merged["metadata"]["finalizers"].as_array().is_none_or(|f| f.is_empty());
+            && merged["metadata"]["finalizers"]
+                .as_array()
+                .is_none_or(|f| f.is_empty());
         if finalizing {
             inner.objects.remove(&key);
-            self.record(&mut inner, resource, ns, EventType::Deleted, merged.clone(), Some(cur));
+            self.record(
+                &mut inner,
+                resource,
+                ns,
+                EventType::Deleted,
+                merged.clone(),
+                Some(cur),
+            );
         } else {
             inner.objects.insert(key, merged.clone());
-            self.record(&mut inner, resource, ns, EventType::Modified, merged.clone(), Some(cur));
+            self.record(
+                &mut inner,
+                resource,
+                ns,
+                EventType::Modified,
+                merged.clone(),
+                Some(cur),
+            );
         }
         Ok(merged)
     }
@@ -284,21 +368,41 @@ impl Store {
     pub fn delete(&self, resource: &str, ns: &str, name: &str) -> Result<Value, ApiError> {
         let mut inner = self.lock();
         let key = (resource.to_string(), ns.to_string(), name.to_string());
-        let cur = inner.objects.get(&key).cloned().ok_or_else(|| ApiError::not_found(resource, name))?;
+        let cur = inner
+            .objects
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(resource, name))?;
         inner.rv += 1;
         let mut obj = cur.clone();
         obj["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
-        let has_finalizers = cur["metadata"]["finalizers"].as_array().is_some_and(|f| !f.is_empty());
+        let has_finalizers = cur["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty());
         if has_finalizers {
             if cur["metadata"].get("deletionTimestamp").is_none() {
                 obj["metadata"]["deletionTimestamp"] = json!(now());
                 inner.objects.insert(key, obj.clone());
-                self.record(&mut inner, resource, ns, EventType::Modified, obj.clone(), Some(cur));
+                self.record(
+                    &mut inner,
+                    resource,
+                    ns,
+                    EventType::Modified,
+                    obj.clone(),
+                    Some(cur),
+                );
             }
             return Ok(obj);
         }
         inner.objects.remove(&key);
-        self.record(&mut inner, resource, ns, EventType::Deleted, obj.clone(), Some(cur));
+        self.record(
+            &mut inner,
+            resource,
+            ns,
+            EventType::Deleted,
+            obj.clone(),
+            Some(cur),
+        );
         Ok(obj)
     }
 

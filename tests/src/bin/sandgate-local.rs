@@ -32,10 +32,22 @@ async fn main() -> anyhow::Result<()> {
     let kubeconfig = api.write_kubeconfig(&run_dir)?;
     let client = client_for(&kubeconfig).await;
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client, "default");
-    for (name, id, port) in [("demo-pod-1", "demo-1", 8080), ("demo-pod-2", "demo-2", 8080), ("demo-pod-3", "demo-3", 3000)] {
-        pods.create(&PostParams::default(), &sandbox_pod(name, Some(id), "running", port)).await?;
+    for (name, id, port) in [
+        ("demo-pod-1", "demo-1", 8080),
+        ("demo-pod-2", "demo-2", 8080),
+        ("demo-pod-3", "demo-3", 3000),
+    ] {
+        pods.create(
+            &PostParams::default(),
+            &sandbox_pod(name, Some(id), "running", port),
+        )
+        .await?;
     }
-    pods.create(&PostParams::default(), &sandbox_pod("demo-pod-4", Some("demo-booting"), "starting", 8080)).await?;
+    pods.create(
+        &PostParams::default(),
+        &sandbox_pod("demo-pod-4", Some("demo-booting"), "starting", 8080),
+    )
+    .await?;
 
     let local = EnvoyPorts::local();
     let log = std::fs::File::create(run_dir.join("extproc.log"))?;
@@ -51,7 +63,13 @@ async fn main() -> anyhow::Result<()> {
     let _envoy = Command::new(envoy_bin())
         .arg("-c")
         .arg(workspace_root().join("envoy/local.yaml"))
-        .args(["--concurrency", "1", "--disable-hot-restart", "-l", "warning"])
+        .args([
+            "--concurrency",
+            "1",
+            "--disable-hot-restart",
+            "-l",
+            "warning",
+        ])
         .stdout(log.try_clone()?)
         .stderr(log)
         .kill_on_drop(true)
@@ -61,7 +79,9 @@ async fn main() -> anyhow::Result<()> {
     eventually(Duration::from_secs(20), || async {
         match get(admin, "localhost", "/readyz", &[]).await {
             Ok(r) if r.status == 200 => Ok(()),
-            other => Err(format!("extproc not ready: {other:?} (see .run/extproc.log)")),
+            other => Err(format!(
+                "extproc not ready: {other:?} (see .run/extproc.log)"
+            )),
         }
     })
     .await;
