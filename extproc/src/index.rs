@@ -1,7 +1,9 @@
 //! The route index: sandbox ID → where its pod is and whether it may take traffic.
 //!
 //! Fed by the pod watch through the synchronous `apply`, `delete` and `reset`; request handlers only
-//! read it. A read is one moka lookup by `&str`: no lock that other readers contend for, no allocation.
+//! read it. A read is one lock-free papaya lookup by `&str`: no lock, no allocation, and no
+//! maintenance work on the reader's thread. (moka, used for the miss path in `resolver`, runs its
+//! housekeeping inline every 64 reads, which measured as a ~20 µs p99 here.)
 //! It must never take a destination from anything but a pod object.
 
 use std::borrow::Borrow;
@@ -146,7 +148,7 @@ pub fn route_from_pod(
 
 /// The index. Cheap reads; writes come from the watch (and, for misses, from API lookups).
 pub struct RouteIndex {
-    routes: moka::sync::Cache<SandboxKey, PodRoute>,
+    routes: papaya::HashMap<SandboxKey, PodRoute>,
     /// Bumped on every removal, so a lookup that raced with one never re-inserts a stale route.
     removals: AtomicU64,
     /// Serialises removals with lookup inserts (never taken by readers).
@@ -162,7 +164,7 @@ impl Default for RouteIndex {
 impl RouteIndex {
     pub fn new() -> Self {
         RouteIndex {
-            routes: moka::sync::Cache::builder().build(),
+            routes: papaya::HashMap::new(),
             removals: AtomicU64::new(0),
             write_lock: Mutex::new(()),
         }
@@ -170,13 +172,14 @@ impl RouteIndex {
 
     /// The hot-path read.
     pub fn get(&self, id: &str) -> Option<PodRoute> {
-        self.routes.get(id)
+        self.routes.pin().get(id).copied()
     }
 
     /// Applies a watched pod. Returns the sandbox key it touched, if any.
     pub fn apply(&self, key: SandboxKey, route: PodRoute) {
         let _g = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(old) = self.routes.get(key.as_str()) {
+        let routes = self.routes.pin();
+        if let Some(old) = routes.get(key.as_str()) {
             // Two pods claiming one ID: a routable one is never displaced by another pod's stale state.
             if old.pod != route.pod && old.is_routable() && !route.is_routable() {
                 return;
@@ -185,32 +188,33 @@ impl RouteIndex {
                 self.removals.fetch_add(1, Ordering::SeqCst);
             }
         }
-        self.routes.insert(key, route);
+        routes.insert(key, route);
     }
 
     /// Removes the entry for a deleted pod (only if it came from that pod).
     pub fn delete(&self, key: &SandboxKey, pod: u64) {
         let _g = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
-        if self.routes.get(key.as_str()).is_some_and(|r| r.pod == pod) {
+        let routes = self.routes.pin();
+        if routes.get(key.as_str()).is_some_and(|r| r.pod == pod) {
             self.removals.fetch_add(1, Ordering::SeqCst);
-            self.routes.invalidate(key.as_str());
+            routes.remove(key.as_str());
         }
     }
 
     /// After a full re-list of `scope`, drops the entries of that scope the list did not contain.
     pub fn reset(&self, scope: u16, seen: &HashSet<SandboxKey>) {
         let _g = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let stale: Vec<_> = self
-            .routes
+        let routes = self.routes.pin();
+        let stale: Vec<SandboxKey> = routes
             .iter()
-            .filter(|(k, r)| r.scope == scope && !seen.contains(k.as_ref()))
+            .filter(|(k, r)| r.scope == scope && !seen.contains(*k))
             .map(|(k, _)| *k)
             .collect();
         if !stale.is_empty() {
             self.removals.fetch_add(1, Ordering::SeqCst);
         }
         for k in stale {
-            self.routes.invalidate(k.as_str());
+            routes.remove(k.as_str());
         }
     }
 
@@ -226,14 +230,13 @@ impl RouteIndex {
         if self.removals.load(Ordering::SeqCst) != epoch {
             return false;
         }
-        self.routes.entry(key).or_insert(route);
+        self.routes.pin().get_or_insert(key, route);
         true
     }
 
-    /// Number of indexed sandboxes (exact after pending maintenance runs).
+    /// Number of indexed sandboxes.
     pub fn len(&self) -> u64 {
-        self.routes.run_pending_tasks();
-        self.routes.entry_count()
+        self.routes.len() as u64
     }
 
     pub fn is_empty(&self) -> bool {

@@ -111,7 +111,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(grpc::Processor::new(router).into_service())
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            // Envoy's ext_proc messages are tiny: Nagle would hold them back.
+            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
             async move {
                 grpc_shutdown.wait().await;
                 // Readiness is already false: give Envoy time to stop sending new streams.
