@@ -345,3 +345,27 @@ async fn metrics_and_graceful_shutdown() {
     assert!(status.success(), "{status:?}");
     let _ = get(s.envoy_addr(), "x", "/", &[]).await;
 }
+
+#[tokio::test]
+async fn bad_flags_fail_with_a_message_naming_the_flag() {
+    let bin = sandgate_tests::procs::bin_path("sandgate-extproc");
+    for (args, flag) in [
+        (vec!["--domain", "bad domain"], "--domain"),
+        (vec!["--label-prefix", "NoSlash"], "--label-prefix"),
+        (vec!["--negative-ttl", "soon"], "--negative-ttl"),
+        (vec!["--default-port", "0"], "--default-port"),
+        (vec!["--grpc-addr", "nowhere"], "--grpc-addr"),
+    ] {
+        let out = std::process::Command::new(&bin)
+            .args(&args)
+            .env("KUBECONFIG", "/nonexistent")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(flag),
+            "{args:?}: error does not name {flag}:\n{err}"
+        );
+    }
+}
