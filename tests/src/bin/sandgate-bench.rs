@@ -29,7 +29,7 @@ use sandgate_extproc::index::{PodRoute, RouteIndex, RouteState, SandboxKey};
 use sandgate_extproc::resolver::{LookupError, PodLookup, Resolver};
 use sandgate_tests::apidouble::ApiDouble;
 use sandgate_tests::envoy::{envoy_bin, render, EnvoyPorts};
-use sandgate_tests::procs::{bin_path, eventually, free_port, get, wait_for_tcp, Extproc};
+use sandgate_tests::procs::{eventually, free_port, get, wait_for_tcp, Extproc};
 use serde_json::json;
 use tokio::process::Command;
 
@@ -51,6 +51,10 @@ static ALLOC: Counting = Counting;
 
 #[derive(Parser)]
 struct Args {
+    /// Internal: serve only the null processor on this port (the bench runs it as its own process,
+    /// like sandgate-extproc, so both processors stand on equal terms).
+    #[arg(long, hide = true)]
+    null_server: Option<u16>,
     /// Seconds per measured wrk run.
     #[arg(long, default_value_t = 8)]
     seconds: u64,
@@ -70,6 +74,14 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(port) = args.null_server {
+        let dest = std::env::var("NULL_DEST")?;
+        tonic::transport::Server::builder()
+            .add_service(ExternalProcessorServer::new(NullProcessor(Arc::new(null_reply(dest)))))
+            .serve(([127, 0, 0, 1], port).into())
+            .await?;
+        return Ok(());
+    }
     println!("== decision microbenchmark (100 000 indexed sandboxes, in process)");
     let (p50_us, p99_us) = decision_bench(100_000, 300_000).await;
     println!("decision: p50 {p50_us:.2} µs, p99 {p99_us:.2} µs (parse + index read + decide + encode reply)");
@@ -80,19 +92,26 @@ async fn main() -> anyhow::Result<()> {
         "\n== Envoy variants (Envoy --concurrency 1, wrk -t1 -c{} -d{}s, {} rounds interleaved)",
         args.connections, args.seconds, args.rounds
     );
-    let results = envoy_bench(&args).await?;
-    let (direct, null, sandgate) = (&results[0], &results[1], &results[2]);
-    println!("\n| variant | req/s | p50 ms | p99 ms |\n|---|---|---|---|");
-    for (name, r) in ["direct", "null", "sandgate"].iter().zip(&results) {
-        println!(
-            "| {name} | {:.0} | {:.2} | {:.2} |",
-            r.rps, r.p50_ms, r.p99_ms
-        );
+    let runs = envoy_bench(&args).await?;
+    println!("\nmedians over {} rounds:\n\n| variant | req/s | p50 ms | p99 ms |\n|---|---|---|---|", args.rounds);
+    for (name, rs) in ["direct", "null", "sandgate"].iter().zip(&runs) {
+        let r = median(rs.clone());
+        println!("| {name} | {:.0} | {:.2} | {:.2} |", r.rps, r.p50_ms, r.p99_ms);
     }
-    let rps_vs_null = sandgate.rps / null.rps;
-    let p99_vs_null = sandgate.p99_ms / null.p99_ms;
-    let rps_vs_direct = sandgate.rps / direct.rps;
-    println!("\nsandgate/null: rps {rps_vs_null:.3}, p99 {p99_vs_null:.3}; sandgate/direct: rps {rps_vs_direct:.3}; null/direct: rps {:.3}", null.rps / direct.rps);
+    // Ratios are paired per round (the variants run back to back), then the median is taken.
+    let (direct, null, sandgate) = (&runs[0], &runs[1], &runs[2]);
+    let ratio = |a: &[Run], b: &[Run], f: fn(&Run) -> f64| {
+        let mut v: Vec<f64> = a.iter().zip(b).map(|(x, y)| f(x) / f(y)).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let rps_vs_null = ratio(sandgate, null, |r| r.rps);
+    let p99_vs_null = ratio(sandgate, null, |r| r.p99_ms);
+    let rps_vs_direct = ratio(sandgate, direct, |r| r.rps);
+    println!(
+        "\npaired per-round ratios (median): sandgate/null rps {rps_vs_null:.3}, p99 {p99_vs_null:.3}; sandgate/direct rps {rps_vs_direct:.3}; null/direct rps {:.3}",
+        ratio(null, direct, |r| r.rps)
+    );
     println!(
         "RESULT dataplane rps_vs_null={rps_vs_null:.3} p99_vs_null={p99_vs_null:.3} rps_vs_direct={rps_vs_direct:.3} decision_p99_us={p99_us:.2} bytes_per_sandbox={bytes:.0}"
     );
@@ -276,21 +295,21 @@ struct Variant {
     listen_port: u16,
 }
 
-async fn envoy_bench(args: &Args) -> anyhow::Result<Vec<Run>> {
+async fn envoy_bench(args: &Args) -> anyhow::Result<Vec<Vec<Run>>> {
     let dir = tempfile::tempdir()?;
     // Upstream: one minimal HTTP server every variant routes to.
     let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let up_port = upstream.local_addr()?.port();
     tokio::spawn(serve_ok(upstream));
 
-    // null: the do-nothing processor.
+    // null: the do-nothing processor, in its own process like sandgate-extproc.
     let null_port = free_port();
-    let null = NullProcessor(Arc::new(null_reply(format!("127.0.0.1:{up_port}"))));
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(ExternalProcessorServer::new(null))
-            .serve(([127, 0, 0, 1], null_port).into()),
-    );
+    let _null = Command::new(std::env::current_exe()?)
+        .args(["--null-server", &null_port.to_string()])
+        .env("NULL_DEST", format!("127.0.0.1:{up_port}"))
+        .kill_on_drop(true)
+        .spawn()?;
+    wait_for_tcp(("127.0.0.1", null_port), Duration::from_secs(10)).await?;
 
     // sandgate: the API double with N running sandboxes, and the real extproc.
     let api = ApiDouble::start().await?;
@@ -315,7 +334,6 @@ async fn envoy_bench(args: &Args) -> anyhow::Result<Vec<Run>> {
         &["--domain", "sandbox.localhost"],
     )?;
     extproc.wait_ready(Duration::from_secs(30)).await;
-    let _ = bin_path("sandgate-extproc");
 
     let mk = |name, extproc_port: u16, direct: bool| {
         let ports = EnvoyPorts {
@@ -387,7 +405,7 @@ async fn envoy_bench(args: &Args) -> anyhow::Result<Vec<Run>> {
         }
     }
     drop(extproc);
-    Ok(runs.into_iter().map(median).collect())
+    Ok(runs)
 }
 
 fn median(mut rs: Vec<Run>) -> Run {
