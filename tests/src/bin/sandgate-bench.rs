@@ -77,7 +77,9 @@ async fn main() -> anyhow::Result<()> {
     if let Some(port) = args.null_server {
         let dest = std::env::var("NULL_DEST")?;
         tonic::transport::Server::builder()
-            .add_service(ExternalProcessorServer::new(NullProcessor(Arc::new(null_reply(dest)))))
+            .add_service(ExternalProcessorServer::new(NullProcessor(Arc::new(
+                null_reply(dest),
+            ))))
             .serve(([127, 0, 0, 1], port).into())
             .await?;
         return Ok(());
@@ -93,10 +95,16 @@ async fn main() -> anyhow::Result<()> {
         args.connections, args.seconds, args.rounds
     );
     let runs = envoy_bench(&args).await?;
-    println!("\nmedians over {} rounds:\n\n| variant | req/s | p50 ms | p99 ms |\n|---|---|---|---|", args.rounds);
+    println!(
+        "\nmedians over {} rounds:\n\n| variant | req/s | p50 ms | p99 ms |\n|---|---|---|---|",
+        args.rounds
+    );
     for (name, rs) in ["direct", "null", "sandgate"].iter().zip(&runs) {
         let r = median(rs.clone());
-        println!("| {name} | {:.0} | {:.2} | {:.2} |", r.rps, r.p50_ms, r.p99_ms);
+        println!(
+            "| {name} | {:.0} | {:.2} | {:.2} |",
+            r.rps, r.p50_ms, r.p99_ms
+        );
     }
     // Ratios are paired per round (the variants run back to back), then the median is taken.
     let (direct, null, sandgate) = (&runs[0], &runs[1], &runs[2]);
