@@ -46,6 +46,23 @@ pub struct Config {
     /// How long shutdown waits for in-flight streams after readiness turns false.
     #[arg(long, env = "SANDGATE_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// Address of the control API (gRPC) the controller polls.
+    #[arg(long, env = "SANDGATE_CONTROL_ADDR", default_value = "0.0.0.0:9002")]
+    pub control_addr: SocketAddr,
+
+    /// File holding the control API's bearer token (mounted from a Secret). Required: the control
+    /// API never runs unauthenticated.
+    #[arg(long, env = "SANDGATE_CONTROL_TOKEN_FILE")]
+    pub control_token_file: std::path::PathBuf,
+
+    /// This replica's name in reports (the pod name in a cluster).
+    #[arg(long, env = "POD_NAME", default_value = "sandgate-extproc")]
+    pub replica_name: String,
+
+    /// An open stream with no periodic access-log entry for this long is taken as closed. Must be
+    /// well above Envoy's access_log_flush_interval.
+    #[arg(long, env = "SANDGATE_STREAM_EXPIRY", default_value = "120s", value_parser = parse_duration)]
+    pub stream_expiry: Duration,
 
     /// Log format: text or json.
     #[arg(long, env = "SANDGATE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]

@@ -13,6 +13,7 @@ use crate::resolver::Resolved;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision<'a> {
     Route {
+        id: Cow<'a, str>,
         dest: SocketAddr,
         rewritten_path: Option<Cow<'a, str>>,
     },
@@ -64,6 +65,7 @@ pub fn decide<'a>(
         (RouteState::Running, Some(ip)) => {
             match addr.port.or(route.default_port).or(default_port) {
                 Some(port) => Decision::Route {
+                    id,
                     dest: SocketAddr::new(ip, port),
                     rewritten_path: addr.rewritten_path,
                 },

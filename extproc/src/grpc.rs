@@ -25,7 +25,9 @@ use futures::Stream;
 use sandgate_shared::address::{AddressConfig, RequestParts, HEADER_ID, HEADER_PORT};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::activity::ActivityTable;
 use crate::decision::{decide, Decision};
+use crate::index::SandboxKey;
 use crate::metrics::Metrics;
 use crate::resolver::Resolver;
 
@@ -33,6 +35,8 @@ use crate::resolver::Resolver;
 pub const METADATA_NAMESPACE: &str = "envoy.lb";
 /// Key inside it holding `ip:port`.
 pub const METADATA_KEY: &str = "x-sandbox-destination";
+/// Key inside it holding the sandbox ID, read back from Envoy's access logs.
+pub const METADATA_SANDBOX_ID: &str = "sandbox-id";
 /// Seconds clients are told to wait on a 503.
 const RETRY_AFTER_SECS: &[u8] = b"1";
 
@@ -42,6 +46,7 @@ pub struct Router {
     pub resolver: Arc<Resolver>,
     pub default_port: Option<u16>,
     pub metrics: Metrics,
+    pub activity: Arc<ActivityTable>,
 }
 
 #[derive(Clone)]
@@ -138,6 +143,11 @@ impl Router {
             Err(e) => Decision::BadRequest(e),
         };
         self.metrics.outcome(decision.outcome()).inc();
+        if let Decision::Route { id, .. } = &decision {
+            if let Some(key) = SandboxKey::new(id) {
+                self.activity.touch(key);
+            }
+        }
         let reply = encode(decision, remove);
         self.metrics.decision_seconds.observe(start.elapsed());
         reply
@@ -154,9 +164,10 @@ struct Removals {
 fn encode(decision: Decision<'_>, remove: Removals) -> ProcessingResponse {
     match decision {
         Decision::Route {
+            id,
             dest,
             rewritten_path,
-        } => route_reply(dest.to_string(), rewritten_path.as_deref(), remove),
+        } => route_reply(&id, dest.to_string(), rewritten_path.as_deref(), remove),
         Decision::NotFound { id } => immediate(
             502,
             "sandgate_sandbox_not_found",
@@ -190,9 +201,20 @@ fn encode(decision: Decision<'_>, remove: Removals) -> ProcessingResponse {
     }
 }
 
-fn route_reply(dest: String, rewritten_path: Option<&str>, remove: Removals) -> ProcessingResponse {
+fn route_reply(
+    id: &str,
+    dest: String,
+    rewritten_path: Option<&str>,
+    remove: Removals,
+) -> ProcessingResponse {
     let lb = Struct {
-        fields: HashMap::from([(METADATA_KEY.to_string(), string_value(dest))]),
+        fields: HashMap::from([
+            (METADATA_KEY.to_string(), string_value(dest)),
+            (
+                METADATA_SANDBOX_ID.to_string(),
+                string_value(id.to_string()),
+            ),
+        ]),
     };
     let metadata = Struct {
         fields: HashMap::from([(

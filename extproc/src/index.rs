@@ -201,6 +201,13 @@ impl RouteIndex {
         }
     }
 
+    /// Drops a sandbox's route whatever pod it came from (a release the watch has not shown yet).
+    pub fn evict(&self, key: &SandboxKey) -> bool {
+        let _g = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.removals.fetch_add(1, Ordering::SeqCst);
+        self.routes.pin().remove(key.as_str()).is_some()
+    }
+
     /// After a full re-list of `scope`, drops the entries of that scope the list did not contain.
     pub fn reset(&self, scope: u16, seen: &HashSet<SandboxKey>) {
         let _g = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());

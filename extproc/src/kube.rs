@@ -12,7 +12,8 @@ use kube::runtime::WatchStreamExt;
 use kube::Client;
 use sandgate_shared::Contract;
 
-use crate::index::{route_from_pod, PodRoute, SandboxKey};
+use crate::activity::ActivityTable;
+use crate::index::{route_from_pod, PodRoute, RouteState, SandboxKey};
 use crate::metrics::Metrics;
 use crate::resolver::{LookupError, PodLookup, Resolver};
 
@@ -53,6 +54,7 @@ pub async fn run_watch(
     scope: u16,
     contract: Arc<Contract>,
     resolver: Arc<Resolver>,
+    activity: Arc<ActivityTable>,
     sync: Arc<SyncState>,
     metrics: Metrics,
 ) {
@@ -76,6 +78,11 @@ pub async fn run_watch(
                 if let Some((key, route)) = route_from_pod(&pod, &contract, scope) {
                     index.apply(key, route);
                     resolver.forget_lookup(&key).await;
+                    if route.state == RouteState::Gone {
+                        activity.remove(key.as_str());
+                    } else if let Some(at) = last_active(&pod, &contract) {
+                        activity.seed(key, at);
+                    }
                     if let Some(seen) = relisted.as_mut() {
                         seen.insert(key);
                     }
@@ -85,6 +92,7 @@ pub async fn run_watch(
                 if let Some((key, route)) = route_from_pod(&pod, &contract, scope) {
                     index.delete(&key, route.pod);
                     resolver.forget_lookup(&key).await;
+                    activity.remove(key.as_str());
                 }
             }
             Event::InitDone => {
@@ -130,5 +138,21 @@ impl PodLookup for KubeLookup {
             }
             Ok(best)
         })
+    }
+}
+
+/// The pod's `last-active` annotation as a wall-clock time.
+fn last_active(pod: &Pod, contract: &Contract) -> Option<std::time::SystemTime> {
+    let raw = pod
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(&contract.ann_last_active)?;
+    match raw.parse::<jiff::Timestamp>() {
+        Ok(ts) => Some(std::time::SystemTime::from(ts)),
+        Err(e) => {
+            tracing::warn!(annotation = %contract.ann_last_active, value = %raw, error = %e, "unparseable last-active annotation ignored");
+            None
+        }
     }
 }

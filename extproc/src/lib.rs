@@ -5,8 +5,11 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod activity;
 pub mod admin;
+pub mod als;
 pub mod config;
+pub mod control;
 pub mod decision;
 pub mod grpc;
 pub mod index;
@@ -44,6 +47,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if addresses.domains().is_empty() {
         tracing::warn!("no --domain configured: only the header and path forms will route");
     }
+    let token = std::fs::read_to_string(&config.control_token_file).with_context(|| {
+        format!(
+            "--control-token-file {}",
+            config.control_token_file.display()
+        )
+    })?;
+    anyhow::ensure!(
+        !token.trim().is_empty(),
+        "--control-token-file {} is empty",
+        config.control_token_file.display()
+    );
     let client = ::kube::Client::try_default()
         .await
         .context("cannot build a Kubernetes client (in-cluster config or KUBECONFIG)")?;
@@ -64,12 +78,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         metrics.clone(),
     ));
     let sync = Arc::new(kube::SyncState::new(apis.len()));
+    let activity = Arc::new(activity::ActivityTable::new());
     for (scope, api) in apis {
         tokio::spawn(kube::run_watch(
             api,
             scope,
             contract.clone(),
             resolver.clone(),
+            activity.clone(),
             sync.clone(),
             metrics.clone(),
         ));
@@ -78,6 +94,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (trigger, shutdown) = shutdown::channel();
     let admin_listener = admin::bind(config.admin_addr, "--admin-addr").await?;
     let grpc_listener = admin::bind(config.grpc_addr, "--grpc-addr").await?;
+    let control_listener = admin::bind(config.control_addr, "--control-addr").await?;
     tracing::info!(grpc = %config.grpc_addr, admin = %config.admin_addr, domains = ?addresses.domains(), "sandgate-extproc starting");
 
     let admin_state = Arc::new(admin::AdminState {
@@ -91,25 +108,55 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             })
         },
         before_scrape: {
-            let (index, m) = (index.clone(), metrics.clone());
+            let (index, activity, m) = (index.clone(), activity.clone(), metrics.clone());
             Box::new(move || {
                 m.indexed_sandboxes.set(index.len() as i64);
+                m.tracked_sandboxes.set(activity.len() as i64);
             })
         },
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, shutdown.clone()));
-
+    let boot_id = boot_id();
+    let control = control::ControlApi {
+        activity: activity.clone(),
+        resolver: resolver.clone(),
+        replica: config.replica_name.clone(),
+        boot_id: boot_id.clone(),
+        warm: {
+            let sync = sync.clone();
+            Box::new(move || sync.is_synced())
+        },
+    };
+    let control_shutdown = shutdown.clone();
+    let control_task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(control.into_service(control::BearerAuth::new(&token)))
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(control_listener)
+                    .with_nodelay(Some(true)),
+                async move { control_shutdown.wait().await },
+            ),
+    );
+    tracing::info!(control = %config.control_addr, replica = %config.replica_name, %boot_id, "control API listening");
+    let access_logs = als::AccessLogs {
+        activity: activity.clone(),
+        metrics: metrics.clone(),
+        stream_expiry: config.stream_expiry,
+        shutdown: shutdown.clone(),
+    };
     let router = Arc::new(grpc::Router {
         addresses,
         resolver,
         default_port: config.default_port,
         metrics,
+        activity,
     });
     let grace = config.shutdown_grace;
     let grpc_shutdown = shutdown.clone();
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(grpc::Processor::new(router).into_service())
+        .add_service(access_logs.into_service())
         .serve_with_incoming_shutdown(
             // Envoy's ext_proc messages are tiny: Nagle would hold them back.
             tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
@@ -126,6 +173,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     trigger.fire();
     serve.await?.context("ext_proc server failed")?;
     let _ = admin_task.await;
+    let _ = control_task.await;
     tracing::info!("sandgate-extproc stopped");
     Ok(())
+}
+
+/// A random ID for this process, so the controller can tell a restart from a long uptime.
+fn boot_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.write_u32(std::process::id());
+    format!("{:016x}", h.finish())
 }

@@ -52,6 +52,8 @@ pub struct Metrics {
     pub index_synced: Gauge,
     pub watch_events: Counter,
     pub watch_errors: Counter,
+    pub access_log_entries: Counter,
+    pub tracked_sandboxes: Gauge,
 }
 
 impl Metrics {
@@ -106,6 +108,18 @@ impl Metrics {
             "Pod watch errors (the watch retries with backoff)",
             watch_errors.clone(),
         );
+        let access_log_entries = Counter::default();
+        reg.register(
+            "access_log_entries",
+            "Envoy access log entries applied to the activity table",
+            access_log_entries.clone(),
+        );
+        let tracked_sandboxes = Gauge::default();
+        reg.register(
+            "tracked_sandboxes",
+            "Sandboxes in the activity table",
+            tracked_sandboxes.clone(),
+        );
         let outcome = |o| {
             requests
                 .get_or_create(&OutcomeLabels { outcome: o })
@@ -130,6 +144,8 @@ impl Metrics {
             index_synced,
             watch_events,
             watch_errors,
+            access_log_entries,
+            tracked_sandboxes,
         }
     }
 

@@ -11,3 +11,9 @@ pub mod duration;
 
 pub use address::{AddressConfig, AddressError, AddressForm, SandboxAddress};
 pub use contract::{Contract, Phase};
+
+/// The control API (`proto/sandgate/control/v1/control.proto`): messages, client and service trait.
+pub mod control {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("sandgate.control.v1");
+}

@@ -14,6 +14,8 @@ pub struct EnvoyPorts {
     pub listen_port: u16,
     pub extproc_port: u16,
     pub admin_port: u16,
+    /// Envoy's `access_log_flush_interval`: how often open streams are reported.
+    pub access_log_flush: String,
 }
 
 impl EnvoyPorts {
@@ -24,6 +26,7 @@ impl EnvoyPorts {
             listen_port: 8080,
             extproc_port: 9001,
             admin_port: 9901,
+            access_log_flush: "30s".into(),
         }
     }
     /// `make run`: everything on loopback.
@@ -33,6 +36,7 @@ impl EnvoyPorts {
             listen_port: 10000,
             extproc_port: 9001,
             admin_port: 9901,
+            access_log_flush: "30s".into(),
         }
     }
 }
@@ -48,6 +52,7 @@ pub fn render(p: &EnvoyPorts) -> String {
         .replace("{{LISTEN_PORT}}", &p.listen_port.to_string())
         .replace("{{EXTPROC_PORT}}", &p.extproc_port.to_string())
         .replace("{{ADMIN_PORT}}", &p.admin_port.to_string())
+        .replace("{{ACCESS_LOG_FLUSH_INTERVAL}}", &p.access_log_flush)
 }
 
 /// The committed configs and what they must equal.

@@ -127,6 +127,7 @@ pub async fn get(
 pub struct Extproc {
     pub grpc_port: u16,
     pub admin_port: u16,
+    pub control_port: u16,
     child: Child,
 }
 
@@ -139,6 +140,8 @@ impl Extproc {
         extra: &[&str],
     ) -> anyhow::Result<Extproc> {
         let admin_port = free_port();
+        let control_port = free_port();
+        let token = write_token(dir)?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -148,6 +151,9 @@ impl Extproc {
             .env("RUST_LOG", "info,sandgate_extproc=debug")
             .args(["--grpc-addr", &format!("127.0.0.1:{grpc_port}")])
             .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
+            .args(["--control-addr", &format!("127.0.0.1:{control_port}")])
+            .arg("--control-token-file")
+            .arg(&token)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -157,6 +163,7 @@ impl Extproc {
         Ok(Extproc {
             grpc_port,
             admin_port,
+            control_port,
             child,
         })
     }
@@ -207,4 +214,14 @@ impl Extproc {
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn ctrl_c() {
     sandgate_extproc::shutdown::signal().await
+}
+
+/// The control-API token every test process shares.
+pub const TEST_TOKEN: &str = "sandgate-test-token";
+
+/// Writes the test token to `dir/control-token` (what a mounted Secret would hold).
+pub fn write_token(dir: &Path) -> std::io::Result<PathBuf> {
+    let p = dir.join("control-token");
+    std::fs::write(&p, format!("{TEST_TOKEN}\n"))?;
+    Ok(p)
 }

@@ -48,6 +48,7 @@ impl Stack {
             listen_port: free_port(),
             extproc_port: grpc_port,
             admin_port: free_port(),
+            access_log_flush: "1s".into(),
         };
         let envoy = Envoy::start(dir.path(), ports).await.expect("envoy");
         extproc.wait_ready(Duration::from_secs(20)).await;

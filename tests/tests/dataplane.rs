@@ -349,14 +349,30 @@ async fn metrics_and_graceful_shutdown() {
 #[tokio::test]
 async fn bad_flags_fail_with_a_message_naming_the_flag() {
     let bin = sandgate_tests::procs::bin_path("sandgate-extproc");
+    let dir = tempfile::tempdir().unwrap();
+    let token = sandgate_tests::procs::write_token(dir.path()).unwrap();
+    let empty = dir.path().join("empty-token");
+    std::fs::write(&empty, "\n").unwrap();
     for (args, flag) in [
         (vec!["--domain", "bad domain"], "--domain"),
         (vec!["--label-prefix", "NoSlash"], "--label-prefix"),
         (vec!["--negative-ttl", "soon"], "--negative-ttl"),
         (vec!["--default-port", "0"], "--default-port"),
         (vec!["--grpc-addr", "nowhere"], "--grpc-addr"),
+        (
+            vec!["--control-token-file", "/nonexistent/token"],
+            "--control-token-file",
+        ),
+        (
+            vec!["--control-token-file", empty.to_str().unwrap()],
+            "--control-token-file",
+        ),
     ] {
-        let out = std::process::Command::new(&bin)
+        let mut cmd = std::process::Command::new(&bin);
+        if !args.contains(&"--control-token-file") {
+            cmd.arg("--control-token-file").arg(&token);
+        }
+        let out = cmd
             .args(&args)
             .env("KUBECONFIG", "/nonexistent")
             .output()

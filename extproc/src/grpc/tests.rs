@@ -48,6 +48,7 @@ fn router() -> Router {
         resolver,
         default_port: Some(8080),
         metrics,
+        activity: Arc::new(crate::activity::ActivityTable::new()),
     }
 }
 
@@ -115,6 +116,17 @@ async fn routes_host_form_with_metadata_only() {
         .await;
     assert_eq!(destination(&reply).as_deref(), Some("10.1.2.3:3000"));
     assert_eq!(mutation(&reply), HeaderMutation::default());
+    // Routed requests are activity; errors are not.
+    r.on_request_headers(&headers(&[(":authority", "80-nope.sandbox.localhost")]))
+        .await;
+    let tracked: Vec<_> = r
+        .activity
+        .snapshot(0)
+        .sandboxes
+        .into_iter()
+        .map(|s| s.id.as_str().to_string())
+        .collect();
+    assert_eq!(tracked, ["abc"]);
 }
 
 #[tokio::test]

@@ -171,6 +171,7 @@ async fn decision_bench(n: usize, iters: usize) -> (f64, f64) {
         resolver,
         default_port: None,
         metrics,
+        activity: Arc::new(sandgate_extproc::activity::ActivityTable::new()),
     };
     // Prebuilt requests, as Envoy would send them.
     let requests: Vec<HttpHeaders> = (0..4096)
@@ -349,6 +350,7 @@ async fn envoy_bench(args: &Args) -> anyhow::Result<Vec<Vec<Run>>> {
             listen_port: free_port(),
             extproc_port,
             admin_port: free_port(),
+            access_log_flush: "30s".into(),
         };
         let config = if direct {
             direct_config(&ports)

@@ -55,6 +55,8 @@ async fn main() -> anyhow::Result<()> {
         .env("KUBECONFIG", &kubeconfig)
         .args(["--grpc-addr", &format!("127.0.0.1:{}", local.extproc_port)])
         .args(["--admin-addr", "127.0.0.1:9090", "--domain", &args.domain])
+        .args(["--control-addr", "127.0.0.1:9002", "--control-token-file"])
+        .arg(sandgate_tests::procs::write_token(&run_dir)?)
         .stdout(log.try_clone()?)
         .stderr(log)
         .kill_on_drop(true)

@@ -1,0 +1,113 @@
+//! The control API server (`sandgate.control.v1.Control`), polled by sandgate-controller.
+//! Every call must carry `authorization: Bearer <token>`, compared in constant time.
+
+use std::sync::Arc;
+
+use sandgate_shared::control::{
+    control_server::{Control, ControlServer},
+    EvictRouteRequest, EvictRouteResponse, GetLastActiveRequest, GetLastActiveResponse,
+    SandboxActivity,
+};
+use subtle::ConstantTimeEq;
+use tonic::{Request, Response, Status};
+
+use crate::activity::ActivityTable;
+use crate::index::SandboxKey;
+use crate::resolver::Resolver;
+
+pub struct ControlApi {
+    pub activity: Arc<ActivityTable>,
+    pub resolver: Arc<Resolver>,
+    pub replica: String,
+    pub boot_id: String,
+    pub warm: Box<dyn Fn() -> bool + Send + Sync>,
+}
+
+/// Checks the bearer token of a call.
+#[derive(Clone)]
+pub struct BearerAuth(Arc<[u8]>);
+
+impl BearerAuth {
+    pub fn new(token: &str) -> Self {
+        BearerAuth(token.trim().as_bytes().into())
+    }
+}
+
+impl tonic::service::Interceptor for BearerAuth {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let presented = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::as_bytes)
+            .unwrap_or_default();
+        if !self.0.is_empty() && bool::from(presented.ct_eq(&self.0)) {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated("missing or invalid bearer token"))
+        }
+    }
+}
+
+impl ControlApi {
+    pub fn into_service(
+        self,
+        auth: BearerAuth,
+    ) -> tonic::service::interceptor::InterceptedService<ControlServer<Self>, BearerAuth> {
+        ControlServer::with_interceptor(self, auth)
+    }
+}
+
+#[tonic::async_trait]
+impl Control for ControlApi {
+    async fn get_last_active(
+        &self,
+        request: Request<GetLastActiveRequest>,
+    ) -> Result<Response<GetLastActiveResponse>, Status> {
+        let req = request.into_inner();
+        // Read warmth first: a report is only as complete as the index was before it was taken.
+        let warm = (self.warm)();
+        let cursor = if req.boot_id == self.boot_id {
+            req.cursor
+        } else {
+            0
+        };
+        let activity = self.activity.clone();
+        let snap = tokio::task::spawn_blocking(move || activity.snapshot(cursor))
+            .await
+            .map_err(|e| Status::internal(format!("snapshot failed: {e}")))?;
+        Ok(Response::new(GetLastActiveResponse {
+            replica: self.replica.clone(),
+            boot_id: self.boot_id.clone(),
+            warm,
+            full: snap.full,
+            cursor: snap.cursor,
+            sandboxes: snap
+                .sandboxes
+                .into_iter()
+                .map(|r| SandboxActivity {
+                    sandbox_id: r.id.as_str().to_string(),
+                    idle_ms: r.idle.as_millis() as u64,
+                    open_streams: r.open_streams,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn evict_route(
+        &self,
+        request: Request<EvictRouteRequest>,
+    ) -> Result<Response<EvictRouteResponse>, Status> {
+        let id = request.into_inner().sandbox_id;
+        let key = SandboxKey::new(&id)
+            .ok_or_else(|| Status::invalid_argument(format!("invalid sandbox id {id:?}")))?;
+        let routed = self.resolver.index().evict(&key);
+        self.resolver.forget_lookup(&key).await;
+        let tracked = self.activity.remove(key.as_str());
+        tracing::info!(sandbox_id = %id, routed, tracked, "route evicted");
+        Ok(Response::new(EvictRouteResponse {
+            evicted: routed || tracked,
+        }))
+    }
+}
