@@ -1,25 +1,181 @@
 //! sandgate-controller: the control plane.
 //!
-//! This build has the binary's shell only: configuration, logging, a Kubernetes client check and
-//! health endpoints. The idle-timeout reconciler (issue 4) and the pool and claim reconcilers
-//! (issue 5) are not written yet; the binary says so at start rather than pretending to work.
+//! Runs the idle-timeout reconciler: every interval, the elected leader polls every extproc
+//! replica, moves `last-active` annotations forward and releases sandboxes idle past their
+//! timeout. It must never release a sandbox on a partial view of activity.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
-use clap::Parser;
+pub mod config;
+pub mod idle;
+pub mod leader;
+pub mod metrics;
+pub mod poller;
+pub mod replicas;
+pub mod tick;
 
-/// Flags of sandgate-controller. Every flag has an environment variable.
-#[derive(Debug, Clone, Parser)]
-#[command(name = "sandgate-controller", version)]
-pub struct Config {
-    /// Log format: text or json.
-    #[arg(long, env = "SANDGATE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
-    pub log_format: String,
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::Api;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use prometheus_client::registry::Registry;
+use sandgate_shared::server::{admin, shutdown};
+use sandgate_shared::Contract;
+
+pub use config::Config;
+
+pub fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
 }
 
 /// Runs until SIGTERM or Ctrl-C.
-pub async fn run(_config: Config) -> anyhow::Result<()> {
-    tracing::warn!("sandgate-controller: no reconcilers in this build yet (idle release and pools are pending)");
-    tokio::signal::ctrl_c().await?;
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let contract = Contract::new(&config.label_prefix).context("--label-prefix")?;
+    let default_timeout =
+        idle::parse_idle_timeout(&config.default_idle_timeout).context("--default-idle-timeout")?;
+    anyhow::ensure!(!config.interval.is_zero(), "--interval must be above zero");
+    let token = std::fs::read_to_string(&config.control_token_file).with_context(|| {
+        format!(
+            "--control-token-file {}",
+            config.control_token_file.display()
+        )
+    })?;
+    anyhow::ensure!(
+        !token.trim().is_empty(),
+        "--control-token-file {} is empty",
+        config.control_token_file.display()
+    );
+    let poller = poller::Poller::new(&token, config.poll_timeout)?;
+    let client = kube::Client::try_default()
+        .await
+        .context("cannot build a Kubernetes client (in-cluster config or KUBECONFIG)")?;
+
+    let mut registry = Registry::default();
+    let metrics = metrics::Metrics::new(&mut registry);
+    let pods = pod_stores(&client, &config.namespaces, &contract);
+
+    let is_leader = Arc::new(AtomicBool::new(!config.leader_election));
+    metrics.leader.set(i64::from(!config.leader_election));
+    if config.leader_election {
+        tokio::spawn(
+            leader::Elector {
+                api: Api::namespaced(client.clone(), &config.lease_namespace),
+                name: config.lease_name.clone(),
+                identity: config.identity.clone(),
+                duration: config.lease_duration,
+                is_leader: is_leader.clone(),
+                metrics: metrics.clone(),
+            }
+            .run(),
+        );
+    }
+
+    let (trigger, shutdown) = shutdown::channel();
+    let listener = admin::bind(config.admin_addr, "--admin-addr").await?;
+    let stores = pods.clone();
+    let admin_state = Arc::new(admin::AdminState {
+        registry,
+        ready: Box::new(move || {
+            stores
+                .iter()
+                .all(|s| s.wait_until_ready().now_or_never().is_some())
+        }),
+        before_scrape: Box::new(|| {}),
+    });
+    let admin_task = tokio::spawn(admin::serve(listener, admin_state, shutdown.clone()));
+
+    let ctx = tick::Context {
+        recorder: kube::runtime::events::Recorder::new(
+            client.clone(),
+            kube::runtime::events::Reporter {
+                controller: "sandgate-controller".into(),
+                instance: Some(config.identity.clone()),
+            },
+        ),
+        slices: Api::namespaced(client.clone(), &config.extproc_namespace),
+        client,
+        pods: pods.clone(),
+        contract,
+        default_timeout,
+        refresh: config.refresh_interval,
+        service: config.extproc_service.clone(),
+        port_name: config.extproc_port_name.clone(),
+        poller: tokio::sync::Mutex::new(poller),
+        metrics,
+        write_concurrency: config.write_concurrency as usize,
+        limiter: tick::RateLimiter::new(config.write_rate),
+    };
+    tracing::info!(interval = ?config.interval, identity = %config.identity, leader_election = config.leader_election, "sandgate-controller starting");
+
+    let ticks = async {
+        for s in &pods {
+            let _ = s.wait_until_ready().await;
+        }
+        let mut every = tokio::time::interval(config.interval);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            if is_leader.load(Ordering::SeqCst) {
+                tick::tick(&ctx).await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = ticks => {},
+        _ = shutdown::signal() => {},
+    }
+    trigger.fire();
+    let _ = admin_task.await;
+    tracing::info!("sandgate-controller stopped");
     Ok(())
+}
+
+use futures::FutureExt;
+
+/// One reflector per watched namespace (or one for all), over pods carrying a sandbox ID.
+fn pod_stores(
+    client: &kube::Client,
+    namespaces: &[String],
+    contract: &Contract,
+) -> Vec<Store<Pod>> {
+    let apis: Vec<Api<Pod>> = if namespaces.is_empty() {
+        vec![Api::all(client.clone())]
+    } else {
+        namespaces
+            .iter()
+            .map(|ns| Api::namespaced(client.clone(), ns))
+            .collect()
+    };
+    apis.into_iter()
+        .map(|api| {
+            let (reader, writer) = reflector::store();
+            let cfg = watcher::Config::default().labels(&contract.label_sandbox_id);
+            let stream = reflector::reflector(writer, watcher(api, cfg))
+                .default_backoff()
+                .touched_objects();
+            tokio::spawn(async move {
+                let mut stream = std::pin::pin!(stream);
+                while let Some(ev) = stream.next().await {
+                    if let Err(e) = ev {
+                        tracing::warn!(error = %e, "pod watch error; retrying");
+                    }
+                }
+            });
+            reader
+        })
+        .collect()
 }

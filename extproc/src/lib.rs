@@ -6,7 +6,6 @@
 #![deny(rust_2018_idioms)]
 
 pub mod activity;
-pub mod admin;
 pub mod als;
 pub mod config;
 pub mod control;
@@ -16,7 +15,6 @@ pub mod index;
 pub mod kube;
 pub mod metrics;
 pub mod resolver;
-pub mod shutdown;
 
 use std::sync::Arc;
 
@@ -25,6 +23,7 @@ use prometheus_client::registry::Registry;
 use sandgate_shared::{AddressConfig, Contract};
 
 pub use config::Config;
+pub use sandgate_shared::server::{admin, shutdown};
 
 /// Sets up logging for a binary.
 pub fn init_tracing(format: &str) {

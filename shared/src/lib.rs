@@ -8,6 +8,8 @@
 pub mod address;
 pub mod contract;
 pub mod duration;
+#[cfg(feature = "server")]
+pub mod server;
 
 pub use address::{AddressConfig, AddressError, AddressForm, SandboxAddress};
 pub use contract::{Contract, Phase};

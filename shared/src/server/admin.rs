@@ -4,7 +4,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::shutdown::Shutdown;
+use super::shutdown::Shutdown;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;

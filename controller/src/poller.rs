@@ -1,0 +1,196 @@
+//! Polling every extproc replica's control API in parallel, each call bounded by a timeout.
+//!
+//! Per replica it keeps the boot ID and cursor of the last answer and what that replica has said
+//! so far, so a steady-state poll asks only for changes. A replica that restarts (new boot ID)
+//! or whose cursor expired answers with a full report, which replaces what was known of it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+
+use futures::future::join_all;
+use sandgate_shared::control::{
+    control_client::ControlClient, EvictRouteRequest, GetLastActiveRequest,
+};
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::idle::report_time;
+
+type Client = ControlClient<InterceptedService<Channel, Bearer>>;
+
+/// Adds the bearer token to every call.
+#[derive(Clone)]
+pub struct Bearer(MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+/// What one replica has told us.
+struct Replica {
+    client: Client,
+    boot_id: String,
+    cursor: u64,
+    /// sandbox → (last active on the controller's clock, open streams)
+    known: HashMap<String, (SystemTime, u32)>,
+}
+
+/// The outcome of polling one replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PollError {
+    Failed(String),
+    TimedOut,
+    NotWarm,
+}
+
+impl PollError {
+    pub fn label(&self) -> &'static str {
+        match self {
+            PollError::Failed(_) => "failed",
+            PollError::TimedOut => "timeout",
+            PollError::NotWarm => "not_warm",
+        }
+    }
+}
+
+/// One tick's poll of every replica.
+#[derive(Debug, Default)]
+pub struct PollResult {
+    /// Every replica answered and was warm.
+    pub complete: bool,
+    pub polled: usize,
+    pub failed: Vec<(SocketAddr, PollError)>,
+    /// sandbox → the latest activity each answering replica reported.
+    pub activity: HashMap<String, Vec<SystemTime>>,
+}
+
+pub struct Poller {
+    token: MetadataValue<tonic::metadata::Ascii>,
+    timeout: Duration,
+    replicas: HashMap<SocketAddr, Replica>,
+}
+
+impl Poller {
+    pub fn new(token: &str, timeout: Duration) -> anyhow::Result<Self> {
+        let token = format!("Bearer {}", token.trim()).parse().map_err(|_| {
+            anyhow::anyhow!("--control-token-file: the token is not a valid header value")
+        })?;
+        Ok(Poller {
+            token,
+            timeout,
+            replicas: HashMap::new(),
+        })
+    }
+
+    fn client(&mut self, addr: SocketAddr) -> &mut Replica {
+        let (token, timeout) = (self.token.clone(), self.timeout);
+        self.replicas.entry(addr).or_insert_with(|| {
+            let channel = Endpoint::from_shared(format!("http://{addr}"))
+                .expect("a socket address is a valid URI")
+                .connect_timeout(timeout)
+                .timeout(timeout)
+                .tcp_nodelay(true)
+                .connect_lazy();
+            Replica {
+                client: ControlClient::with_interceptor(channel, Bearer(token))
+                    .max_decoding_message_size(256 << 20),
+                boot_id: String::new(),
+                cursor: 0,
+                known: HashMap::new(),
+            }
+        })
+    }
+
+    /// Polls `addrs` in parallel. Replicas no longer listed are forgotten.
+    pub async fn poll(&mut self, addrs: &[SocketAddr]) -> PollResult {
+        self.replicas.retain(|a, _| addrs.contains(a));
+        for a in addrs {
+            self.client(*a);
+        }
+        let timeout = self.timeout;
+        let calls = self.replicas.iter_mut().map(|(addr, r)| async move {
+            let req = GetLastActiveRequest {
+                cursor: r.cursor,
+                boot_id: r.boot_id.clone(),
+            };
+            let answer = tokio::time::timeout(timeout, r.client.get_last_active(req)).await;
+            let received = SystemTime::now();
+            let res = match answer {
+                Err(_) => Err(PollError::TimedOut),
+                Ok(Err(status)) => Err(PollError::Failed(format!(
+                    "{}: {}",
+                    status.code(),
+                    status.message()
+                ))),
+                Ok(Ok(resp)) => {
+                    let resp = resp.into_inner();
+                    if resp.full || resp.boot_id != r.boot_id {
+                        r.known.clear();
+                    }
+                    r.boot_id = resp.boot_id;
+                    r.cursor = resp.cursor;
+                    for s in resp.sandboxes {
+                        let t =
+                            report_time(received, Duration::from_millis(s.idle_ms), s.open_streams);
+                        r.known.insert(s.sandbox_id, (t, s.open_streams));
+                    }
+                    if resp.warm {
+                        Ok(())
+                    } else {
+                        Err(PollError::NotWarm)
+                    }
+                }
+            };
+            (*addr, res, received)
+        });
+        let answers = join_all(calls).await;
+        let mut out = PollResult {
+            polled: answers.len(),
+            ..Default::default()
+        };
+        for (addr, res, received) in answers {
+            match res {
+                Ok(()) => {
+                    let r = &self.replicas[&addr];
+                    for (id, (t, open)) in &r.known {
+                        // A stream still open is activity now, even if nothing changed since.
+                        let t = if *open > 0 { received } else { *t };
+                        out.activity.entry(id.clone()).or_default().push(t);
+                    }
+                }
+                Err(e) => {
+                    if matches!(e, PollError::Failed(_) | PollError::TimedOut) {
+                        // Start over with a full report next time.
+                        if let Some(r) = self.replicas.get_mut(&addr) {
+                            r.cursor = 0;
+                        }
+                    }
+                    out.failed.push((addr, e));
+                }
+            }
+        }
+        out.complete = out.failed.is_empty() && out.polled > 0;
+        out
+    }
+
+    /// Asks every replica to drop a sandbox's route. Failures are logged: the pod watch catches up.
+    pub async fn evict_everywhere(&mut self, sandbox_id: &str) -> usize {
+        let timeout = self.timeout;
+        let calls = self.replicas.iter_mut().map(|(addr, r)| async move {
+            let req = EvictRouteRequest { sandbox_id: sandbox_id.to_string() };
+            match tokio::time::timeout(timeout, r.client.evict_route(req)).await {
+                Ok(Ok(_)) => true,
+                other => {
+                    tracing::warn!(replica = %addr, sandbox_id, result = ?other.map(|r| r.map(|_| ())), "EvictRoute failed");
+                    false
+                }
+            }
+        });
+        join_all(calls).await.into_iter().filter(|ok| *ok).count()
+    }
+}

@@ -1,0 +1,347 @@
+//! One idle-timeout tick: find the replicas, poll them all, annotate, and release.
+//!
+//! If any replica fails, times out or is not warm, nothing is released this tick; annotations
+//! still move forward from the replicas that answered. A release is a JSON patch whose `test`
+//! operations pin the pod to the sandbox that was judged idle, so a pod re-claimed or changed in
+//! the meantime is left alone (409/422 are skips, not errors).
+
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::{stream, StreamExt};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::Store;
+use kube::Resource;
+use sandgate_shared::{Contract, Phase};
+use serde_json::json;
+use tracing::instrument;
+
+use crate::idle::{self, Evidence, IdleTimeout, Verdict};
+use crate::metrics::Metrics;
+use crate::poller::{PollResult, Poller};
+use crate::replicas::replica_addrs;
+
+/// A global limit on pod writes per second.
+pub struct RateLimiter(tokio::sync::Mutex<tokio::time::Interval>);
+
+impl RateLimiter {
+    pub fn new(per_second: u32) -> Self {
+        let mut i = tokio::time::interval(Duration::from_secs(1) / per_second.max(1));
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        RateLimiter(tokio::sync::Mutex::new(i))
+    }
+    pub async fn acquire(&self) {
+        self.0.lock().await.tick().await;
+    }
+}
+
+pub struct Context {
+    pub client: kube::Client,
+    pub pods: Vec<Store<Pod>>,
+    pub contract: Contract,
+    pub default_timeout: IdleTimeout,
+    pub refresh: Option<Duration>,
+    pub slices: Api<EndpointSlice>,
+    pub service: String,
+    pub port_name: String,
+    pub poller: tokio::sync::Mutex<Poller>,
+    pub metrics: Metrics,
+    pub recorder: Recorder,
+    pub write_concurrency: usize,
+    pub limiter: RateLimiter,
+}
+
+/// The decision for one running sandbox pod.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodPlan {
+    pub namespace: String,
+    pub name: String,
+    pub sandbox_id: String,
+    pub claimed_at: Option<String>,
+    pub has_annotations: bool,
+    pub last_active: SystemTime,
+    pub verdict: Verdict,
+    /// Write `last-active` with this value.
+    pub annotate: Option<SystemTime>,
+}
+
+/// Plans one pod from the tick's evidence. `None` for pods that are not running sandboxes.
+pub fn plan_pod(
+    pod: &Pod,
+    contract: &Contract,
+    reports: Option<&Vec<SystemTime>>,
+    default_timeout: IdleTimeout,
+    refresh: Option<Duration>,
+    now: SystemTime,
+) -> Option<PodPlan> {
+    let meta = &pod.metadata;
+    let labels = meta.labels.as_ref()?;
+    if labels.get(&contract.label_phase)?.parse::<Phase>().ok()? != Phase::Running
+        || meta.deletion_timestamp.is_some()
+    {
+        return None;
+    }
+    let sandbox_id = labels.get(&contract.label_sandbox_id)?.clone();
+    let ann = meta.annotations.as_ref();
+    let get = |k: &str| ann.and_then(|a| a.get(k)).map(String::as_str);
+    let evidence = Evidence {
+        reports: reports.cloned().unwrap_or_default(),
+        annotation: get(&contract.ann_last_active).and_then(idle::parse_time),
+        claimed_at: get(&contract.ann_claimed_at).and_then(idle::parse_time),
+        created: meta
+            .creation_timestamp
+            .as_ref()
+            .map(|t| SystemTime::from(t.0)),
+    };
+    let last_active = evidence.last_active().unwrap_or(now);
+    let (timeout, bad) =
+        idle::effective_timeout(get(&contract.ann_idle_timeout), None, default_timeout);
+    if let Some(e) = bad {
+        tracing::warn!(pod = meta.name.as_deref().unwrap_or_default(), error = %e, "idle-timeout annotation ignored");
+    }
+    let refresh = idle::refresh_interval(timeout, refresh);
+    let annotate = evidence
+        .reports
+        .iter()
+        .max()
+        .copied()
+        .filter(|&t| idle::annotation_due(evidence.annotation, t, refresh) && t >= last_active);
+    Some(PodPlan {
+        namespace: meta.namespace.clone().unwrap_or_default(),
+        name: meta.name.clone().unwrap_or_default(),
+        sandbox_id,
+        claimed_at: get(&contract.ann_claimed_at).map(str::to_string),
+        has_annotations: ann.is_some(),
+        last_active,
+        verdict: idle::verdict(now, last_active, timeout),
+        annotate,
+    })
+}
+
+/// What a tick did.
+#[derive(Debug, Default)]
+pub struct TickReport {
+    pub outcome: &'static str,
+    pub released: Vec<String>,
+    pub annotated: usize,
+}
+
+#[instrument(skip_all)]
+pub async fn tick(ctx: &Context) -> TickReport {
+    let start = Instant::now();
+    let report = run_tick(ctx).await;
+    ctx.metrics.tick(report.outcome);
+    ctx.metrics
+        .tick_seconds
+        .observe(start.elapsed().as_secs_f64());
+    tracing::info!(
+        outcome = report.outcome,
+        released = report.released.len(),
+        annotated = report.annotated,
+        took_ms = start.elapsed().as_millis() as u64,
+        "tick"
+    );
+    report
+}
+
+async fn run_tick(ctx: &Context) -> TickReport {
+    let params =
+        ListParams::default().labels(&format!("kubernetes.io/service-name={}", ctx.service));
+    let slices = match ctx.slices.list(&params).await {
+        Ok(l) => l.items,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list extproc EndpointSlices; tick failed");
+            return TickReport {
+                outcome: "failed",
+                ..Default::default()
+            };
+        }
+    };
+    let addrs = replica_addrs(&slices, &ctx.port_name);
+    let mut poller = ctx.poller.lock().await;
+    let poll = poller.poll(&addrs).await;
+    record_poll(ctx, &poll, addrs.is_empty());
+
+    let now = SystemTime::now();
+    let plans: Vec<PodPlan> = ctx
+        .pods
+        .iter()
+        .flat_map(|s| s.state())
+        .filter_map(|p| {
+            plan_pod(
+                &p,
+                &ctx.contract,
+                poll.activity.get(sandbox_id(&p, &ctx.contract)),
+                ctx.default_timeout,
+                ctx.refresh,
+                now,
+            )
+        })
+        .collect();
+    ctx.metrics.sandboxes_tracked.set(plans.len() as i64);
+    let next = plans
+        .iter()
+        .filter_map(|p| match p.verdict {
+            Verdict::Keep { release_in } => release_in,
+            Verdict::Release { .. } => Some(Duration::ZERO),
+        })
+        .min();
+    ctx.metrics
+        .next_release_seconds
+        .set(next.map(|d| d.as_secs() as i64).unwrap_or(-1));
+
+    let annotated = annotate(ctx, &plans).await;
+    if !poll.complete {
+        tracing::warn!(failed = ?poll.failed, polled = poll.polled, "not every extproc replica answered warm: no releases this tick");
+        return TickReport {
+            outcome: if poll.polled == 0 {
+                "failed"
+            } else {
+                "skipped_partial"
+            },
+            annotated,
+            ..Default::default()
+        };
+    }
+    let released = release(ctx, &mut poller, &plans).await;
+    TickReport {
+        outcome: "ok",
+        released,
+        annotated,
+    }
+}
+
+fn sandbox_id<'a>(p: &'a Pod, c: &Contract) -> &'a str {
+    p.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(&c.label_sandbox_id))
+        .map(String::as_str)
+        .unwrap_or_default()
+}
+
+fn record_poll(ctx: &Context, poll: &PollResult, none_found: bool) {
+    ctx.metrics.replicas_polled.inc_by(poll.polled as u64);
+    for (addr, e) in &poll.failed {
+        ctx.metrics
+            .replicas_failed
+            .get_or_create(&crate::metrics::Labels { label: e.label() })
+            .inc();
+        tracing::warn!(replica = %addr, error = ?e, "extproc replica poll failed");
+    }
+    if none_found {
+        tracing::warn!(service = %ctx.service, "no extproc replicas found in the control Service's EndpointSlices");
+    }
+}
+
+/// Moves `last-active` forward where due, within the concurrency and rate limits.
+async fn annotate(ctx: &Context, plans: &[PodPlan]) -> usize {
+    let due: Vec<&PodPlan> = plans.iter().filter(|p| p.annotate.is_some()).collect();
+    let results: Vec<bool> = stream::iter(due)
+        .map(|p| async move {
+            ctx.limiter.acquire().await;
+            let at = idle::format_time(p.annotate.unwrap_or(p.last_active));
+            let patch = json!({"metadata": {"annotations": {ctx.contract.ann_last_active.as_str(): at}}});
+            let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &p.namespace);
+            match api.patch(&p.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                Ok(_) => true,
+                Err(e) => {
+                    ctx.metrics.annotation_write_errors.inc();
+                    tracing::warn!(pod = %p.name, error = %e, "last-active annotation write failed");
+                    false
+                }
+            }
+        })
+        .buffer_unordered(ctx.write_concurrency)
+        .collect()
+        .await;
+    let n = results.into_iter().filter(|ok| *ok).count();
+    ctx.metrics.annotation_writes.inc_by(n as u64);
+    n
+}
+
+fn pointer(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}
+
+/// The guarded release patch for one plan.
+pub fn release_patch(c: &Contract, p: &PodPlan, now: SystemTime) -> serde_json::Value {
+    let label = |k: &str| format!("/metadata/labels/{}", pointer(k));
+    let ann = |k: &str| format!("/metadata/annotations/{}", pointer(k));
+    let mut ops = vec![
+        json!({"op": "test", "path": label(&c.label_phase), "value": Phase::Running.as_str()}),
+        json!({"op": "test", "path": label(&c.label_sandbox_id), "value": p.sandbox_id}),
+    ];
+    if let Some(claimed) = &p.claimed_at {
+        ops.push(json!({"op": "test", "path": ann(&c.ann_claimed_at), "value": claimed}));
+    }
+    if !p.has_annotations {
+        ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": {}}));
+    }
+    ops.extend([
+        json!({"op": "replace", "path": label(&c.label_phase), "value": Phase::Stopping.as_str()}),
+        json!({"op": "add", "path": ann(&c.ann_stop_reason), "value": "IdleTimeout"}),
+        json!({"op": "add", "path": ann(&c.ann_stopped_at), "value": idle::format_time(now)}),
+        json!({"op": "add", "path": ann(&c.ann_last_active), "value": idle::format_time(p.last_active)}),
+    ]);
+    serde_json::Value::Array(ops)
+}
+
+async fn release(ctx: &Context, poller: &mut Poller, plans: &[PodPlan]) -> Vec<String> {
+    let idle: Vec<(&PodPlan, Duration)> = plans
+        .iter()
+        .filter_map(|p| match p.verdict {
+            Verdict::Release { idle } => Some((p, idle)),
+            Verdict::Keep { .. } => None,
+        })
+        .collect();
+    let patched: Vec<Option<(Pod, &PodPlan, Duration)>> = stream::iter(idle)
+        .map(|(p, idle)| async move {
+            ctx.limiter.acquire().await;
+            let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &p.namespace);
+            let patch: json_patch::Patch = serde_json::from_value(release_patch(&ctx.contract, p, SystemTime::now())).ok()?;
+            match api.patch(&p.name, &PatchParams::default(), &Patch::Json::<()>(patch)).await {
+                Ok(pod) => Some((pod, p, idle)),
+                Err(kube::Error::Api(e)) if e.code == 409 || e.code == 422 => {
+                    ctx.metrics.releases_skipped.get_or_create(&crate::metrics::Labels { label: "conflict" }).inc();
+                    tracing::info!(pod = %p.name, sandbox_id = %p.sandbox_id, "pod changed since the decision (re-claimed?): not released");
+                    None
+                }
+                Err(e) => {
+                    ctx.metrics.releases_skipped.get_or_create(&crate::metrics::Labels { label: "error" }).inc();
+                    tracing::warn!(pod = %p.name, error = %e, "release patch failed");
+                    None
+                }
+            }
+        })
+        .buffer_unordered(ctx.write_concurrency)
+        .collect()
+        .await;
+    let mut released = Vec::new();
+    for (pod, p, idle) in patched.into_iter().flatten() {
+        ctx.metrics.releases.inc();
+        tracing::info!(pod = %p.name, sandbox_id = %p.sandbox_id, idle_s = idle.as_secs(), "sandbox released for idleness");
+        let ev = Event {
+            type_: EventType::Normal,
+            reason: "IdleTimeout".into(),
+            note: Some(format!(
+                "sandbox {} released after {}s idle",
+                p.sandbox_id,
+                idle.as_secs()
+            )),
+            action: "Release".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&ev, &pod.object_ref(&())).await {
+            tracing::warn!(pod = %p.name, error = %e, "cannot publish release event");
+        }
+        poller.evict_everywhere(&p.sandbox_id).await;
+        released.push(p.sandbox_id.clone());
+    }
+    released
+}
+
+#[cfg(test)]
+mod tests;
