@@ -10,3 +10,4 @@ pub mod echo;
 pub mod envoy;
 pub mod procs;
 pub mod stack;
+pub mod cluster;

@@ -225,3 +225,19 @@ pub fn write_token(dir: &Path) -> std::io::Result<PathBuf> {
     std::fs::write(&p, format!("{TEST_TOKEN}\n"))?;
     Ok(p)
 }
+
+/// Prints the last lines of every `*.log` in `dir` (for failing tests).
+pub fn dump_logs(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "log") {
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("----- {} (last 40 lines) -----", p.display());
+            for l in &lines[lines.len().saturating_sub(40)..] {
+                eprintln!("{l}");
+            }
+        }
+    }
+}

@@ -71,28 +71,8 @@ impl Stack {
         self.create_pod(pod_name, Some(id), "running", port).await
     }
 
-    pub async fn create_pod(
-        &self,
-        pod_name: &str,
-        id: Option<&str>,
-        phase: &str,
-        port: u16,
-    ) -> Pod {
-        let pods = self.pods();
-        pods.create(
-            &PostParams::default(),
-            &sandbox_pod(pod_name, id, phase, port),
-        )
-        .await
-        .expect("create pod");
-        eventually(Duration::from_secs(10), || async {
-            let p = pods.get(pod_name).await.map_err(|e| e.to_string())?;
-            match p.status.as_ref().and_then(|s| s.pod_ip.as_ref()) {
-                Some(_) => Ok(p),
-                None => Err(format!("{pod_name} has no IP yet")),
-            }
-        })
-        .await
+    pub async fn create_pod(&self, pod_name: &str, id: Option<&str>, phase: &str, port: u16) -> Pod {
+        create_pod(&self.pods(), pod_name, id, phase, port).await
     }
 
     /// Merge-patches a pod's contract labels.
@@ -136,6 +116,19 @@ impl Stack {
     pub fn envoy_addr(&self) -> SocketAddr {
         self.envoy.addr()
     }
+}
+
+/// Creates a contract pod and waits until the kubelet runs it.
+pub async fn create_pod(pods: &Api<Pod>, pod_name: &str, id: Option<&str>, phase: &str, port: u16) -> Pod {
+    pods.create(&PostParams::default(), &sandbox_pod(pod_name, id, phase, port)).await.expect("create pod");
+    eventually(Duration::from_secs(10), || async {
+        let p = pods.get(pod_name).await.map_err(|e| e.to_string())?;
+        match p.status.as_ref().and_then(|s| s.pod_ip.as_ref()) {
+            Some(_) => Ok(p),
+            None => Err(format!("{pod_name} has no IP yet")),
+        }
+    })
+    .await
 }
 
 /// A kube client from a kubeconfig file, as the binaries build theirs.

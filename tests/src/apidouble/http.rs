@@ -171,6 +171,11 @@ pub async fn handle(
                     format!("unsupported patch type {content_type:?}"),
                 )));
             };
+            if kind == PatchKind::Json {
+                if let Some(hook) = hooks.take_before_json_patch() {
+                    hook(&store);
+                }
+            }
             parse_body()
                 .and_then(|b| store.patch(&t.resource, &ns, name, kind, &b, t.status))
                 .map(|o| (200, o))

@@ -26,11 +26,20 @@ pub use store::Store;
 #[derive(Default)]
 pub struct Hooks {
     list_delay: Mutex<Option<Duration>>,
+    /// Runs once, just before the next JSON patch is applied (to stage a race).
+    before_json_patch: Mutex<Option<BeforePatch>>,
     /// Required bearer token, if any.
     pub token: Option<String>,
 }
 
+/// A one-shot action on the store.
+pub type BeforePatch = Box<dyn FnOnce(&Store) + Send>;
+
 impl Hooks {
+    pub fn take_before_json_patch(&self) -> Option<BeforePatch> {
+        self.before_json_patch.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
     pub fn list_delay(&self) -> Option<Duration> {
         *self.list_delay.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -93,6 +102,9 @@ impl ApiDouble {
             .list_delay
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = d;
+    }    /// Runs `f` once, just before the next JSON patch is applied.
+    pub fn before_next_json_patch(&self, f: impl FnOnce(&Store) + Send + 'static) {
+        *self.hooks.before_json_patch.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
     }
 
     /// Writes a kubeconfig pointing at the double.

@@ -1,0 +1,176 @@
+//! A control-plane test bed on loopback: the API double, several gateways (each a real Envoy with
+//! its own sandgate-extproc, registered in the extproc control Service's EndpointSlices) and
+//! sandgate-controller processes.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, DeleteParams, PostParams};
+use serde_json::json;
+use tokio::process::{Child, Command};
+
+use crate::apidouble::ApiDouble;
+use crate::envoy::{Envoy, EnvoyPorts};
+use crate::procs::{bin_path, free_port, get, write_token, Extproc, Reply};
+use crate::stack::{client_for, DOMAIN};
+
+/// Where the controller looks for replicas.
+pub const CONTROL_NS: &str = "sandgate-system";
+pub const CONTROL_SERVICE: &str = "sandgate-extproc-control";
+
+/// One Envoy + sandgate-extproc pair.
+pub struct Gateway {
+    pub extproc: Extproc,
+    pub envoy: Envoy,
+}
+
+/// A running sandgate-controller, killed on drop.
+pub struct Controller {
+    pub identity: String,
+    pub admin_port: u16,
+    child: Child,
+}
+
+impl Controller {
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+    pub async fn metrics(&self) -> String {
+        get(([127, 0, 0, 1], self.admin_port).into(), "localhost", "/metrics", &[]).await.map(|r| r.body).unwrap_or_default()
+    }
+    /// A counter or gauge value from /metrics (0 when absent).
+    pub async fn metric(&self, series: &str) -> f64 {
+        metric_value(&self.metrics().await, series)
+    }
+}
+
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+pub struct Cluster {
+    pub api: ApiDouble,
+    pub dir: tempfile::TempDir,
+    pub kubeconfig: PathBuf,
+    pub client: kube::Client,
+    pub gateways: Vec<Gateway>,
+    pub controllers: Vec<Controller>,
+}
+
+impl Cluster {
+    /// Starts the double and `gateways` gateways, registered and ready (no controller yet).
+    pub async fn start(gateways: usize) -> Cluster {
+        let api = ApiDouble::start().await.expect("api double");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kubeconfig = api.write_kubeconfig(dir.path()).expect("kubeconfig");
+        let client = client_for(&kubeconfig).await;
+        let mut c = Cluster { api, dir, kubeconfig, client, gateways: Vec::new(), controllers: Vec::new() };
+        for i in 0..gateways {
+            let gw = c.start_gateway(free_port()).await;
+            c.register_replica(&format!("gw-{i}"), gw.extproc.control_port).await;
+            c.gateways.push(gw);
+        }
+        c
+    }
+
+    /// Starts an Envoy + extproc pair with its ext_proc gRPC on `grpc_port`.
+    pub async fn start_gateway(&self, grpc_port: u16) -> Gateway {
+        let extproc = Extproc::spawn(self.dir.path(), &self.kubeconfig, grpc_port, &["--domain", DOMAIN]).expect("extproc");
+        let ports = EnvoyPorts {
+            listen_addr: "127.0.0.1".into(),
+            listen_port: free_port(),
+            extproc_port: grpc_port,
+            admin_port: free_port(),
+            access_log_flush: "1s".into(),
+        };
+        let envoy = Envoy::start(self.dir.path(), ports).await.expect("envoy");
+        extproc.wait_ready(Duration::from_secs(20)).await;
+        Gateway { extproc, envoy }
+    }
+
+    /// Lists a control-API address in the extproc control Service's EndpointSlices.
+    pub async fn register_replica(&self, name: &str, port: u16) {
+        let slice: EndpointSlice = serde_json::from_value(json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": name, "namespace": CONTROL_NS, "labels": {"kubernetes.io/service-name": CONTROL_SERVICE}},
+            "addressType": "IPv4",
+            "ports": [{"name": "control", "port": port, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": true}}],
+        }))
+        .expect("slice");
+        self.slices().create(&PostParams::default(), &slice).await.expect("create EndpointSlice");
+    }
+
+    pub async fn unregister_replica(&self, name: &str) {
+        self.slices().delete(name, &DeleteParams::default()).await.expect("delete EndpointSlice");
+    }
+
+    fn slices(&self) -> Api<EndpointSlice> {
+        Api::namespaced(self.client.clone(), CONTROL_NS)
+    }
+
+    pub fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), "default")
+    }
+
+    /// Starts a controller with short test timings plus `extra` flags.
+    pub fn start_controller(&mut self, identity: &str, extra: &[&str]) {
+        let admin_port = free_port();
+        let token = write_token(self.dir.path()).expect("token");
+        let log = log_file(self.dir.path(), &format!("controller-{identity}.log"));
+        let child = Command::new(bin_path("sandgate-controller"))
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("RUST_LOG", "info,sandgate_controller=debug")
+            // Defaults through the environment, so `extra` flags can override them.
+            .env("SANDGATE_INTERVAL", "1s")
+            .env("SANDGATE_DEFAULT_IDLE_TIMEOUT", "3s")
+            .args(["--namespace", "default"])
+            .args(["--extproc-namespace", CONTROL_NS, "--extproc-service", CONTROL_SERVICE])
+            .args(["--lease-namespace", CONTROL_NS, "--lease-duration", "3s", "--poll-timeout", "1s"])
+            .args(["--identity", identity, "--admin-addr", &format!("127.0.0.1:{admin_port}")])
+            .arg("--control-token-file")
+            .arg(token)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn controller");
+        self.controllers.push(Controller { identity: identity.into(), admin_port, child });
+    }
+
+    /// Creates a running sandbox pod (serving 8080) and waits until it runs.
+    pub async fn sandbox(&self, pod_name: &str, id: &str) -> Pod {
+        crate::stack::create_pod(&self.pods(), pod_name, Some(id), "running", 8080).await
+    }
+
+    /// GET through gateway `gw`.
+    pub async fn get(&self, gw: usize, host: &str) -> Reply {
+        get(self.gateways[gw].envoy.addr(), host, "/", &[]).await.expect("request through envoy")
+    }
+
+    /// The pod's `phase` label.
+    pub async fn phase(&self, pod: &str) -> String {
+        let p = self.pods().get(pod).await.expect("get pod");
+        p.metadata.labels.unwrap_or_default().get("sandgate.dev/phase").cloned().unwrap_or_default()
+    }
+}
+
+fn log_file(dir: &Path, name: &str) -> std::fs::File {
+    std::fs::OpenOptions::new().create(true).append(true).open(dir.join(name)).expect("log file")
+}
+
+impl Drop for Cluster {
+    /// On a failing test, show the tail of every process log: the temp dir goes away with us.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            crate::procs::dump_logs(self.dir.path());
+        }
+    }
+}
