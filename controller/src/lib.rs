@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod poller;
 pub mod replicas;
 pub mod tick;
+pub mod writer;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -97,7 +98,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         before_scrape: Box::new(|| {}),
     });
     let admin_task = tokio::spawn(admin::serve(listener, admin_state, shutdown.clone()));
-
+    let limiter = Arc::new(tick::RateLimiter::new(config.write_rate));
+    let writer = Arc::new(writer::AnnotationWriter::default());
+    tokio::spawn(writer.clone().run(
+        client.clone(),
+        contract.ann_last_active.clone(),
+        limiter.clone(),
+        config.write_concurrency as usize,
+        metrics.clone(),
+    ));
     let ctx = tick::Context {
         recorder: kube::runtime::events::Recorder::new(
             client.clone(),
@@ -117,7 +126,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         poller: tokio::sync::Mutex::new(poller),
         metrics,
         write_concurrency: config.write_concurrency as usize,
-        limiter: tick::RateLimiter::new(config.write_rate),
+        limiter,
+        writer,
     };
     tracing::info!(interval = ?config.interval, identity = %config.identity, leader_election = config.leader_election, "sandgate-controller starting");
 

@@ -22,6 +22,7 @@ pub struct Metrics {
     pub releases_skipped: Family<Labels, Counter>,
     pub annotation_writes: Counter,
     pub annotation_write_errors: Counter,
+    pub annotation_backlog: Gauge,
     pub replicas_polled: Counter,
     /// reason: failed, timeout, not_warm
     pub replicas_failed: Family<Labels, Counter>,
@@ -40,6 +41,7 @@ impl Metrics {
             releases_skipped: Family::default(),
             annotation_writes: Counter::default(),
             annotation_write_errors: Counter::default(),
+            annotation_backlog: Gauge::default(),
             replicas_polled: Counter::default(),
             replicas_failed: Family::default(),
             sandboxes_tracked: Gauge::default(),
@@ -75,6 +77,11 @@ impl Metrics {
             "annotation_write_errors",
             "Failed last-active annotation writes",
             m.annotation_write_errors.clone(),
+        );
+        r.register(
+            "annotation_backlog",
+            "last-active writes queued behind the write-rate limit",
+            m.annotation_backlog.clone(),
         );
         r.register(
             "replicas_polled",

@@ -5,6 +5,7 @@
 //! operations pin the pod to the sandbox that was judged idle, so a pod re-claimed or changed in
 //! the meantime is left alone (409/422 are skips, not errors).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::{stream, StreamExt};
@@ -22,6 +23,7 @@ use crate::idle::{self, Evidence, IdleTimeout, Verdict};
 use crate::metrics::Metrics;
 use crate::poller::{PollResult, Poller};
 use crate::replicas::replica_addrs;
+use crate::writer::AnnotationWriter;
 
 /// A global limit on pod writes per second.
 pub struct RateLimiter(tokio::sync::Mutex<tokio::time::Interval>);
@@ -50,7 +52,8 @@ pub struct Context {
     pub metrics: Metrics,
     pub recorder: Recorder,
     pub write_concurrency: usize,
-    pub limiter: RateLimiter,
+    pub limiter: Arc<RateLimiter>,
+    pub writer: Arc<AnnotationWriter>,
 }
 
 /// The decision for one running sandbox pod.
@@ -63,7 +66,7 @@ pub struct PodPlan {
     pub has_annotations: bool,
     pub last_active: SystemTime,
     pub verdict: Verdict,
-    /// Write `last-active` with this value.
+    /// Queue a `last-active` write with this value.
     pub annotate: Option<SystemTime>,
 }
 
@@ -125,6 +128,7 @@ pub fn plan_pod(
 pub struct TickReport {
     pub outcome: &'static str,
     pub released: Vec<String>,
+    /// `last-active` writes queued.
     pub annotated: usize,
 }
 
@@ -192,7 +196,7 @@ async fn run_tick(ctx: &Context) -> TickReport {
         .next_release_seconds
         .set(next.map(|d| d.as_secs() as i64).unwrap_or(-1));
 
-    let annotated = annotate(ctx, &plans).await;
+    let annotated = annotate(ctx, &plans);
     if !poll.complete {
         tracing::warn!(failed = ?poll.failed, polled = poll.polled, "not every extproc replica answered warm: no releases this tick");
         return TickReport {
@@ -236,29 +240,18 @@ fn record_poll(ctx: &Context, poll: &PollResult, none_found: bool) {
     }
 }
 
-/// Moves `last-active` forward where due, within the concurrency and rate limits.
-async fn annotate(ctx: &Context, plans: &[PodPlan]) -> usize {
-    let due: Vec<&PodPlan> = plans.iter().filter(|p| p.annotate.is_some()).collect();
-    let results: Vec<bool> = stream::iter(due)
-        .map(|p| async move {
-            ctx.limiter.acquire().await;
-            let at = idle::format_time(p.annotate.unwrap_or(p.last_active));
-            let patch = json!({"metadata": {"annotations": {ctx.contract.ann_last_active.as_str(): at}}});
-            let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &p.namespace);
-            match api.patch(&p.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
-                Ok(_) => true,
-                Err(e) => {
-                    ctx.metrics.annotation_write_errors.inc();
-                    tracing::warn!(pod = %p.name, error = %e, "last-active annotation write failed");
-                    false
-                }
-            }
-        })
-        .buffer_unordered(ctx.write_concurrency)
-        .collect()
-        .await;
-    let n = results.into_iter().filter(|ok| *ok).count();
-    ctx.metrics.annotation_writes.inc_by(n as u64);
+/// Queues `last-active` writes where due; the writer drains them within the limits.
+fn annotate(ctx: &Context, plans: &[PodPlan]) -> usize {
+    let mut n = 0;
+    for p in plans {
+        if let Some(at) = p.annotate {
+            ctx.writer.enqueue(&p.namespace, &p.name, at);
+            n += 1;
+        }
+    }
+    ctx.metrics
+        .annotation_backlog
+        .set(ctx.writer.backlog() as i64);
     n
 }
 

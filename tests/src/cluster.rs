@@ -39,7 +39,15 @@ impl Controller {
         let _ = self.child.kill().await;
     }
     pub async fn metrics(&self) -> String {
-        get(([127, 0, 0, 1], self.admin_port).into(), "localhost", "/metrics", &[]).await.map(|r| r.body).unwrap_or_default()
+        get(
+            ([127, 0, 0, 1], self.admin_port).into(),
+            "localhost",
+            "/metrics",
+            &[],
+        )
+        .await
+        .map(|r| r.body)
+        .unwrap_or_default()
     }
     /// A counter or gauge value from /metrics (0 when absent).
     pub async fn metric(&self, series: &str) -> f64 {
@@ -49,7 +57,11 @@ impl Controller {
 
 pub fn metric_value(text: &str, series: &str) -> f64 {
     text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
         .unwrap_or(0.0)
 }
 
@@ -69,10 +81,18 @@ impl Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let kubeconfig = api.write_kubeconfig(dir.path()).expect("kubeconfig");
         let client = client_for(&kubeconfig).await;
-        let mut c = Cluster { api, dir, kubeconfig, client, gateways: Vec::new(), controllers: Vec::new() };
+        let mut c = Cluster {
+            api,
+            dir,
+            kubeconfig,
+            client,
+            gateways: Vec::new(),
+            controllers: Vec::new(),
+        };
         for i in 0..gateways {
             let gw = c.start_gateway(free_port()).await;
-            c.register_replica(&format!("gw-{i}"), gw.extproc.control_port).await;
+            c.register_replica(&format!("gw-{i}"), gw.extproc.control_port)
+                .await;
             c.gateways.push(gw);
         }
         c
@@ -80,7 +100,13 @@ impl Cluster {
 
     /// Starts an Envoy + extproc pair with its ext_proc gRPC on `grpc_port`.
     pub async fn start_gateway(&self, grpc_port: u16) -> Gateway {
-        let extproc = Extproc::spawn(self.dir.path(), &self.kubeconfig, grpc_port, &["--domain", DOMAIN]).expect("extproc");
+        let extproc = Extproc::spawn(
+            self.dir.path(),
+            &self.kubeconfig,
+            grpc_port,
+            &["--domain", DOMAIN],
+        )
+        .expect("extproc");
         let ports = EnvoyPorts {
             listen_addr: "127.0.0.1".into(),
             listen_port: free_port(),
@@ -103,11 +129,17 @@ impl Cluster {
             "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": true}}],
         }))
         .expect("slice");
-        self.slices().create(&PostParams::default(), &slice).await.expect("create EndpointSlice");
+        self.slices()
+            .create(&PostParams::default(), &slice)
+            .await
+            .expect("create EndpointSlice");
     }
 
     pub async fn unregister_replica(&self, name: &str) {
-        self.slices().delete(name, &DeleteParams::default()).await.expect("delete EndpointSlice");
+        self.slices()
+            .delete(name, &DeleteParams::default())
+            .await
+            .expect("delete EndpointSlice");
     }
 
     fn slices(&self) -> Api<EndpointSlice> {
@@ -130,9 +162,26 @@ impl Cluster {
             .env("SANDGATE_INTERVAL", "1s")
             .env("SANDGATE_DEFAULT_IDLE_TIMEOUT", "3s")
             .args(["--namespace", "default"])
-            .args(["--extproc-namespace", CONTROL_NS, "--extproc-service", CONTROL_SERVICE])
-            .args(["--lease-namespace", CONTROL_NS, "--lease-duration", "3s", "--poll-timeout", "1s"])
-            .args(["--identity", identity, "--admin-addr", &format!("127.0.0.1:{admin_port}")])
+            .args([
+                "--extproc-namespace",
+                CONTROL_NS,
+                "--extproc-service",
+                CONTROL_SERVICE,
+            ])
+            .args([
+                "--lease-namespace",
+                CONTROL_NS,
+                "--lease-duration",
+                "3s",
+                "--poll-timeout",
+                "1s",
+            ])
+            .args([
+                "--identity",
+                identity,
+                "--admin-addr",
+                &format!("127.0.0.1:{admin_port}"),
+            ])
             .arg("--control-token-file")
             .arg(token)
             .args(extra)
@@ -142,7 +191,11 @@ impl Cluster {
             .kill_on_drop(true)
             .spawn()
             .expect("spawn controller");
-        self.controllers.push(Controller { identity: identity.into(), admin_port, child });
+        self.controllers.push(Controller {
+            identity: identity.into(),
+            admin_port,
+            child,
+        });
     }
 
     /// Creates a running sandbox pod (serving 8080) and waits until it runs.
@@ -152,18 +205,29 @@ impl Cluster {
 
     /// GET through gateway `gw`.
     pub async fn get(&self, gw: usize, host: &str) -> Reply {
-        get(self.gateways[gw].envoy.addr(), host, "/", &[]).await.expect("request through envoy")
+        get(self.gateways[gw].envoy.addr(), host, "/", &[])
+            .await
+            .expect("request through envoy")
     }
 
     /// The pod's `phase` label.
     pub async fn phase(&self, pod: &str) -> String {
         let p = self.pods().get(pod).await.expect("get pod");
-        p.metadata.labels.unwrap_or_default().get("sandgate.dev/phase").cloned().unwrap_or_default()
+        p.metadata
+            .labels
+            .unwrap_or_default()
+            .get("sandgate.dev/phase")
+            .cloned()
+            .unwrap_or_default()
     }
 }
 
 fn log_file(dir: &Path, name: &str) -> std::fs::File {
-    std::fs::OpenOptions::new().create(true).append(true).open(dir.join(name)).expect("log file")
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(name))
+        .expect("log file")
 }
 
 impl Drop for Cluster {

@@ -6,8 +6,8 @@
 #![deny(rust_2018_idioms)]
 
 pub mod apidouble;
+pub mod cluster;
 pub mod echo;
 pub mod envoy;
 pub mod procs;
 pub mod stack;
-pub mod cluster;

@@ -228,7 +228,9 @@ pub fn write_token(dir: &Path) -> std::io::Result<PathBuf> {
 
 /// Prints the last lines of every `*.log` in `dir` (for failing tests).
 pub fn dump_logs(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     for e in entries.flatten() {
         let p = e.path();
         if p.extension().is_some_and(|x| x == "log") {

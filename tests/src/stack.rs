@@ -71,7 +71,13 @@ impl Stack {
         self.create_pod(pod_name, Some(id), "running", port).await
     }
 
-    pub async fn create_pod(&self, pod_name: &str, id: Option<&str>, phase: &str, port: u16) -> Pod {
+    pub async fn create_pod(
+        &self,
+        pod_name: &str,
+        id: Option<&str>,
+        phase: &str,
+        port: u16,
+    ) -> Pod {
         create_pod(&self.pods(), pod_name, id, phase, port).await
     }
 
@@ -119,8 +125,19 @@ impl Stack {
 }
 
 /// Creates a contract pod and waits until the kubelet runs it.
-pub async fn create_pod(pods: &Api<Pod>, pod_name: &str, id: Option<&str>, phase: &str, port: u16) -> Pod {
-    pods.create(&PostParams::default(), &sandbox_pod(pod_name, id, phase, port)).await.expect("create pod");
+pub async fn create_pod(
+    pods: &Api<Pod>,
+    pod_name: &str,
+    id: Option<&str>,
+    phase: &str,
+    port: u16,
+) -> Pod {
+    pods.create(
+        &PostParams::default(),
+        &sandbox_pod(pod_name, id, phase, port),
+    )
+    .await
+    .expect("create pod");
     eventually(Duration::from_secs(10), || async {
         let p = pods.get(pod_name).await.map_err(|e| e.to_string())?;
         match p.status.as_ref().and_then(|s| s.pod_ip.as_ref()) {

@@ -31,7 +31,11 @@ async fn keep_busy(c: &Cluster, gw: usize, id: &str, d: Duration) {
 async fn until_phase(c: &Cluster, pod: &str, phase: &str, within: Duration) {
     eventually(within, || async {
         let p = c.phase(pod).await;
-        if p == phase { Ok(()) } else { Err(format!("{pod} is {p}")) }
+        if p == phase {
+            Ok(())
+        } else {
+            Err(format!("{pod} is {p}"))
+        }
     })
     .await
 }
@@ -50,7 +54,10 @@ async fn busy_sandboxes_stay_and_idle_ones_go_on_time() {
         created.elapsed()
     };
     let ((), took) = tokio::join!(busy, idle);
-    assert!(took >= TIMEOUT - SEC, "released after {took:?}, before its timeout");
+    assert!(
+        took >= TIMEOUT - SEC,
+        "released after {took:?}, before its timeout"
+    );
     assert_eq!(c.phase("pod-busy").await, "running");
     // The released sandbox's route answers 502 at once.
     let r = c.get(0, &host("idle")).await;
@@ -61,8 +68,17 @@ async fn busy_sandboxes_stay_and_idle_ones_go_on_time() {
     assert!(ann.contains_key("sandgate.dev/stopped-at"));
     // The busy sandbox's activity was written back as an annotation.
     let busy = c.pods().get("pod-busy").await.unwrap();
-    assert!(busy.metadata.annotations.unwrap_or_default().contains_key("sandgate.dev/last-active"));
-    assert!(c.controllers[0].metric("sandgate_controller_releases_total").await >= 1.0);
+    assert!(busy
+        .metadata
+        .annotations
+        .unwrap_or_default()
+        .contains_key("sandgate.dev/last-active"));
+    assert!(
+        c.controllers[0]
+            .metric("sandgate_controller_releases_total")
+            .await
+            >= 1.0
+    );
 }
 
 #[tokio::test]
@@ -71,9 +87,14 @@ async fn an_open_websocket_keeps_its_sandbox_until_it_closes() {
     c.sandbox("pod-ws", "ws").await;
     c.sandbox("pod-canary", "canary-idle").await;
     let url = format!("ws://{}/socket", c.gateways[0].envoy.addr());
-    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url).unwrap();
-    req.headers_mut().insert("host", host("ws").parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("websocket through envoy");
+    let mut req =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+            .unwrap();
+    req.headers_mut()
+        .insert("host", host("ws").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("websocket through envoy");
     ws.send(Message::text("hello")).await.unwrap();
     ws.next().await.unwrap().unwrap();
     c.start_controller("ctrl-a", &[]);
@@ -82,11 +103,24 @@ async fn an_open_websocket_keeps_its_sandbox_until_it_closes() {
     // Silent but open for 3× the timeout.
     let end = Instant::now() + 3 * TIMEOUT;
     while Instant::now() < end {
-        assert_eq!(c.phase("pod-ws").await, "running", "released with an open WebSocket");
+        assert_eq!(
+            c.phase("pod-ws").await,
+            "running",
+            "released with an open WebSocket"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     ws.send(Message::text("still here")).await.unwrap();
-    assert_eq!(ws.next().await.unwrap().unwrap().into_text().unwrap().as_str(), "pod-ws:still here");
+    assert_eq!(
+        ws.next()
+            .await
+            .unwrap()
+            .unwrap()
+            .into_text()
+            .unwrap()
+            .as_str(),
+        "pod-ws:still here"
+    );
     ws.close(None).await.unwrap();
     drop(ws);
     until_phase(&c, "pod-ws", "stopping", RELEASE_WITHIN).await;
@@ -125,16 +159,30 @@ async fn a_refusing_or_hung_replica_blocks_releases_but_not_ticks() {
         // Ticks go on (each bounded by the 1 s poll timeout) and are all partial.
         let start = Instant::now();
         eventually(10 * SEC, || async {
-            let partial = ctrl.metric("sandgate_controller_ticks_total{label=\"skipped_partial\"}").await;
-            if partial >= 4.0 { Ok(()) } else { Err(format!("{partial} partial ticks")) }
+            let partial = ctrl
+                .metric("sandgate_controller_ticks_total{label=\"skipped_partial\"}")
+                .await;
+            if partial >= 4.0 {
+                Ok(())
+            } else {
+                Err(format!("{partial} partial ticks"))
+            }
         })
         .await;
         assert!(start.elapsed() < 10 * SEC);
         assert!(start.elapsed() > TIMEOUT, "four ticks cannot be this fast");
-        assert_eq!(c.phase(&format!("pod-{name}")).await, "running", "released on a partial view");
+        assert_eq!(
+            c.phase(&format!("pod-{name}")).await,
+            "running",
+            "released on a partial view"
+        );
         assert_eq!(ctrl.metric("sandgate_controller_releases_total").await, 0.0);
         // Annotations still move forward from the replicas that answered.
-        assert!(ctrl.metric("sandgate_controller_replicas_polled_total").await >= 8.0);
+        assert!(
+            ctrl.metric("sandgate_controller_replicas_polled_total")
+                .await
+                >= 8.0
+        );
         // Once the bad replica leaves the Service, the idle sandbox goes.
         c.unregister_replica(name).await;
         until_phase(&c, &format!("pod-{name}"), "stopping", RELEASE_WITHIN).await;
@@ -152,7 +200,15 @@ async fn a_restarted_extproc_recovers_activity_and_releases_nothing_early() {
     // The controller wrote the activity down before the restart.
     eventually(5 * SEC, || async {
         let p = c.pods().get("pod-a").await.map_err(|e| e.to_string())?;
-        if p.metadata.annotations.unwrap_or_default().contains_key("sandgate.dev/last-active") { Ok(()) } else { Err("no last-active yet".into()) }
+        if p.metadata
+            .annotations
+            .unwrap_or_default()
+            .contains_key("sandgate.dev/last-active")
+        {
+            Ok(())
+        } else {
+            Err("no last-active yet".into())
+        }
     })
     .await;
     let port = c.gateways[0].extproc.grpc_port;
@@ -165,7 +221,11 @@ async fn a_restarted_extproc_recovers_activity_and_releases_nothing_early() {
     c.gateways.push(gw);
     // Not released before 6 s after the last traffic…
     while last_traffic.elapsed() < Duration::from_secs(5) {
-        assert_eq!(c.phase("pod-a").await, "running", "released early after the restart");
+        assert_eq!(
+            c.phase("pod-a").await,
+            "running",
+            "released early after the restart"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // …and released once truly idle.
@@ -179,20 +239,39 @@ async fn a_pod_reclaimed_between_decision_and_patch_is_not_released() {
     // Just before the controller's release patch lands, the pod is claimed again.
     c.api.before_next_json_patch(|store| {
         let relabel = json!({"metadata": {"labels": {"sandgate.dev/sandbox-id": "new-id"}}});
-        store.patch("pods", "default", "pod-a", sandgate_tests::apidouble::store::PatchKind::Merge, &relabel, false).unwrap();
+        store
+            .patch(
+                "pods",
+                "default",
+                "pod-a",
+                sandgate_tests::apidouble::store::PatchKind::Merge,
+                &relabel,
+                false,
+            )
+            .unwrap();
     });
     c.start_controller("ctrl-a", &[]);
     let ctrl = &c.controllers[0];
     eventually(RELEASE_WITHIN, || async {
-        let skipped = ctrl.metric("sandgate_controller_releases_skipped_total{label=\"conflict\"}").await;
-        if skipped >= 1.0 { Ok(()) } else { Err("no conflict yet".into()) }
+        let skipped = ctrl
+            .metric("sandgate_controller_releases_skipped_total{label=\"conflict\"}")
+            .await;
+        if skipped >= 1.0 {
+            Ok(())
+        } else {
+            Err("no conflict yet".into())
+        }
     })
     .await;
     let pod = c.pods().get("pod-a").await.unwrap();
     let labels = pod.metadata.labels.unwrap();
     assert_eq!(labels["sandgate.dev/phase"], "running");
     assert_eq!(labels["sandgate.dev/sandbox-id"], "new-id");
-    assert!(!pod.metadata.annotations.unwrap_or_default().contains_key("sandgate.dev/stop-reason"));
+    assert!(!pod
+        .metadata
+        .annotations
+        .unwrap_or_default()
+        .contains_key("sandgate.dev/stop-reason"));
 }
 
 #[tokio::test]
@@ -200,21 +279,44 @@ async fn a_standby_takes_over_when_the_leader_dies() {
     let mut c = Cluster::start(1).await;
     c.start_controller("ctrl-a", &[]);
     c.start_controller("ctrl-b", &[]);
-    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> = kube::Api::namespaced(c.client.clone(), CONTROL_NS);
+    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(c.client.clone(), CONTROL_NS);
     let leader = eventually(10 * SEC, || async {
-        let l = leases.get("sandgate-controller").await.map_err(|e| e.to_string())?;
-        l.spec.and_then(|s| s.holder_identity).ok_or("no holder".to_string())
+        let l = leases
+            .get("sandgate-controller")
+            .await
+            .map_err(|e| e.to_string())?;
+        l.spec
+            .and_then(|s| s.holder_identity)
+            .ok_or("no holder".to_string())
     })
     .await;
-    let i = c.controllers.iter().position(|x| x.identity == leader).unwrap();
+    let i = c
+        .controllers
+        .iter()
+        .position(|x| x.identity == leader)
+        .unwrap();
     let mut dead = c.controllers.remove(i);
     assert_eq!(dead.metric("sandgate_controller_leader").await, 1.0);
-    assert_eq!(c.controllers[0].metric("sandgate_controller_leader").await, 0.0);
+    assert_eq!(
+        c.controllers[0].metric("sandgate_controller_leader").await,
+        0.0
+    );
     dead.kill().await;
     c.sandbox("pod-idle", "idle").await;
     // Lease duration 3 s, then the idle timeout and a tick.
     until_phase(&c, "pod-idle", "stopping", RELEASE_WITHIN + 3 * SEC).await;
-    assert_eq!(c.controllers[0].metric("sandgate_controller_leader").await, 1.0);
-    let holder = leases.get("sandgate-controller").await.unwrap().spec.unwrap().holder_identity.unwrap();
+    assert_eq!(
+        c.controllers[0].metric("sandgate_controller_leader").await,
+        1.0
+    );
+    let holder = leases
+        .get("sandgate-controller")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .holder_identity
+        .unwrap();
     assert_eq!(holder, c.controllers[0].identity);
 }

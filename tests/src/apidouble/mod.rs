@@ -37,7 +37,10 @@ pub type BeforePatch = Box<dyn FnOnce(&Store) + Send>;
 
 impl Hooks {
     pub fn take_before_json_patch(&self) -> Option<BeforePatch> {
-        self.before_json_patch.lock().unwrap_or_else(|e| e.into_inner()).take()
+        self.before_json_patch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     pub fn list_delay(&self) -> Option<Duration> {
@@ -102,9 +105,14 @@ impl ApiDouble {
             .list_delay
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = d;
-    }    /// Runs `f` once, just before the next JSON patch is applied.
+    }
+    /// Runs `f` once, just before the next JSON patch is applied.
     pub fn before_next_json_patch(&self, f: impl FnOnce(&Store) + Send + 'static) {
-        *self.hooks.before_json_patch.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
+        *self
+            .hooks
+            .before_json_patch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
     }
 
     /// Writes a kubeconfig pointing at the double.
