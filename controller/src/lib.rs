@@ -157,7 +157,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 use futures::FutureExt;
 
 /// One reflector per watched namespace (or one for all), over pods carrying a sandbox ID.
-fn pod_stores(
+pub fn pod_stores(
     client: &kube::Client,
     namespaces: &[String],
     contract: &Contract,

@@ -49,6 +49,15 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
 
+    // A sandbox with a short idle timeout, to watch the controller release it.
+    let mut idle_pod = sandbox_pod("demo-pod-5", Some("demo-idle"), "running", 8080);
+    idle_pod
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert("sandgate.dev/idle-timeout".into(), "30s".into());
+    pods.create(&PostParams::default(), &idle_pod).await?;
+
     let local = EnvoyPorts::local();
     let log = std::fs::File::create(run_dir.join("extproc.log"))?;
     let _extproc = Command::new(bin_path("sandgate-extproc"))
@@ -57,6 +66,37 @@ async fn main() -> anyhow::Result<()> {
         .args(["--admin-addr", "127.0.0.1:9090", "--domain", &args.domain])
         .args(["--control-addr", "127.0.0.1:9002", "--control-token-file"])
         .arg(sandgate_tests::procs::write_token(&run_dir)?)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()?;
+    // The controller finds the extproc through an EndpointSlice, as in a cluster.
+    let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
+        Api::namespaced(client_for(&kubeconfig).await, "sandgate-system");
+    slices
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": "sandgate-extproc-control-local", "labels": {"kubernetes.io/service-name": "sandgate-extproc-control"}},
+                "addressType": "IPv4", "ports": [{"name": "control", "port": 9002}],
+                "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": true}}],
+            }))?,
+        )
+        .await?;
+    let log = std::fs::File::create(run_dir.join("controller.log"))?;
+    let _controller = Command::new(bin_path("sandgate-controller"))
+        .env("KUBECONFIG", &kubeconfig)
+        .args([
+            "--namespace",
+            "default",
+            "--interval",
+            "5s",
+            "--default-idle-timeout",
+            "10m",
+        ])
+        .args(["--admin-addr", "127.0.0.1:9091", "--control-token-file"])
+        .arg(run_dir.join("control-token"))
         .stdout(log.try_clone()?)
         .stderr(log)
         .kill_on_drop(true)
@@ -101,6 +141,8 @@ async fn main() -> anyhow::Result<()> {
          \x20 curl -i -H 'Host: 8080-demo-booting.{d}' localhost:{p}/         # 503 not ready\n\
          \x20 curl localhost:9090/metrics\n\
          \x20 KUBECONFIG=.run/kubeconfig kubectl get pods --show-labels\n\
+         \x20 KUBECONFIG=.run/kubeconfig kubectl get pods -w -L sandgate.dev/phase   # demo-pod-5 is released after 30 s idle\n\
+         \x20 curl localhost:9091/metrics                                     # the controller's ticks and releases\n\
          \nLogs in .run/. Ctrl-C stops everything.",
         api.addr
     );
