@@ -95,6 +95,13 @@ pub struct Config {
     /// This replica's identity in the Lease (the pod name in a cluster).
     #[arg(long, env = "POD_NAME", default_value = "sandgate-controller")]
     pub identity: String,
+    /// Run the SandboxPool and SandboxClaim reconcilers.
+    #[arg(long, env = "SANDGATE_POOLS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub pools: bool,
+
+    /// Domain of the sandbox hosts, for claims' `status.url` (`<id>.<domain>`).
+    #[arg(long, env = "SANDGATE_SANDBOX_DOMAIN")]
+    pub sandbox_domain: Option<String>,
 
     /// Address of the admin HTTP server (/metrics, /healthz, /readyz).
     #[arg(long, env = "SANDGATE_ADMIN_ADDR", default_value = "0.0.0.0:9091")]

@@ -7,10 +7,13 @@
 #![deny(rust_2018_idioms)]
 
 pub mod config;
+pub mod crd;
 pub mod idle;
 pub mod leader;
+pub mod lifecycle;
 pub mod metrics;
 pub mod poller;
+pub mod pool;
 pub mod replicas;
 pub mod tick;
 pub mod writer;
@@ -64,9 +67,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("cannot build a Kubernetes client (in-cluster config or KUBECONFIG)")?;
-
     let mut registry = Registry::default();
     let metrics = metrics::Metrics::new(&mut registry);
+    let lifecycle_metrics = lifecycle::LifecycleMetrics::new(&mut registry);
     let pods = pod_stores(&client, &config.namespaces, &contract);
 
     let is_leader = Arc::new(AtomicBool::new(!config.leader_election));
@@ -83,6 +86,51 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
             .run(),
         );
+    }
+    if config.pools {
+        let ns = config.namespaces.first().cloned();
+        anyhow::ensure!(
+            config.namespaces.len() <= 1,
+            "--pools supports one --namespace or all namespaces"
+        );
+        let (pools, claims, pod_api): (Api<crd::SandboxPool>, Api<crd::SandboxClaim>, Api<Pod>) =
+            match &ns {
+                Some(ns) => (
+                    Api::namespaced(client.clone(), ns),
+                    Api::namespaced(client.clone(), ns),
+                    Api::namespaced(client.clone(), ns),
+                ),
+                None => (
+                    Api::all(client.clone()),
+                    Api::all(client.clone()),
+                    Api::all(client.clone()),
+                ),
+            };
+        let (reader, writer) = reflector::store();
+        let cfg = watcher::Config::default().labels(&contract.label_pool);
+        let stream = reflector::reflector(writer, watcher(pod_api.clone(), cfg))
+            .default_backoff()
+            .touched_objects();
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            while stream.next().await.is_some() {}
+        });
+        let ctx = Arc::new(lifecycle::Ctx {
+            client: client.clone(),
+            contract: contract.clone(),
+            pods: reader.clone(),
+            expectations: Default::default(),
+            bound: Default::default(),
+            waiting: Default::default(),
+            failures: Default::default(),
+            domain: config.sandbox_domain.clone(),
+            is_leader: is_leader.clone(),
+            metrics: lifecycle_metrics,
+        });
+        tokio::spawn(async move {
+            let _ = reader.wait_until_ready().await;
+            lifecycle::run(ctx, pools, claims, pod_api).await
+        });
     }
 
     let (trigger, shutdown) = shutdown::channel();

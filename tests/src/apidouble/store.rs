@@ -252,10 +252,26 @@ impl Store {
             match kind {
                 PatchKind::Merge => json_patch::merge(&mut doc, body),
                 PatchKind::Json => {
-                    let ops: json_patch::Patch =
-                        serde_json::from_value(body.clone()).map_err(|e| {
-                            ApiError::new(400, "BadRequest", format!("invalid JSON patch: {e}"))
-                        })?;
+                    // As the API server does: a `test` for null passes on a missing path.
+                    let body = match body.as_array() {
+                        Some(ops) => Value::Array(
+                            ops.iter()
+                                .filter(|op| {
+                                    let missing_null = op["op"] == "test"
+                                        && op["value"].is_null()
+                                        && op["path"]
+                                            .as_str()
+                                            .is_some_and(|p| doc.pointer(p).is_none());
+                                    !missing_null
+                                })
+                                .cloned()
+                                .collect(),
+                        ),
+                        None => body.clone(),
+                    };
+                    let ops: json_patch::Patch = serde_json::from_value(body).map_err(|e| {
+                        ApiError::new(400, "BadRequest", format!("invalid JSON patch: {e}"))
+                    })?;
                     json_patch::patch(&mut doc, &ops).map_err(|e| {
                         ApiError::new(422, "Invalid", format!("JSON patch failed: {e}"))
                     })?;

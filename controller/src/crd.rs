@@ -1,0 +1,140 @@
+//! The custom resources: `SandboxPool` (a warm pool) and `SandboxClaim` (a request for one sandbox
+//! from it). Group `sandgate.dev`, version `v1alpha1`. `crdgen` writes their YAML to deploy/crds/.
+
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A pool of warm, idle sandbox pods.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, JsonSchema)]
+#[kube(
+    group = "sandgate.dev",
+    version = "v1alpha1",
+    kind = "SandboxPool",
+    namespaced,
+    status = "SandboxPoolStatus",
+    shortname = "sbp",
+    printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".spec.replicas"}"#,
+    printcolumn = r#"{"name":"Available","type":"integer","jsonPath":".status.available"}"#,
+    printcolumn = r#"{"name":"Claimed","type":"integer","jsonPath":".status.claimed"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxPoolSpec {
+    /// Pod template of the sandboxes. The contract's labels are added by the controller.
+    #[schemars(schema_with = "preserve_unknown")]
+    pub template: PodTemplateSpec,
+    /// Warm idle pods to keep. Claimed pods do not count.
+    #[schemars(range(min = 0))]
+    pub replicas: i32,
+    /// Idle timeout of sandboxes claimed from this pool, unless the claim sets one (e.g. `15m`,
+    /// `never`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_idle_timeout: Option<String>,
+    /// Idle pods older than this are replaced (e.g. `24h`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pod_age: Option<String>,
+    /// The sandbox's default port (written as the pods' `port` annotation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxPoolStatus {
+    /// Pods by phase (idle, starting, running, stopping, failed).
+    #[serde(default)]
+    pub replicas: std::collections::BTreeMap<String, i32>,
+    /// Idle, Ready pods ready to be claimed.
+    #[serde(default)]
+    pub available: i32,
+    /// Pods claimed by a sandbox.
+    #[serde(default)]
+    pub claimed: i32,
+    #[serde(default)]
+    pub observed_generation: i64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "preserve_unknown_list")]
+    pub conditions: Vec<Condition>,
+}
+
+/// A request for one sandbox from a pool.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, JsonSchema)]
+#[kube(
+    group = "sandgate.dev",
+    version = "v1alpha1",
+    kind = "SandboxClaim",
+    namespaced,
+    status = "SandboxClaimStatus",
+    shortname = "sbc",
+    printcolumn = r#"{"name":"Pool","type":"string","jsonPath":".spec.poolName"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Sandbox","type":"string","jsonPath":".status.sandboxID"}"#,
+    printcolumn = r#"{"name":"URL","type":"string","jsonPath":".status.url","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxClaimSpec {
+    pub pool_name: String,
+    /// Overrides the pool's default idle timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
+    /// Added to the claimed pod.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Added to the claimed pod.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub annotations: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, JsonSchema, PartialEq, Eq)]
+pub enum ClaimPhase {
+    #[default]
+    Pending,
+    Bound,
+    Released,
+    Failed,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxClaimStatus {
+    #[serde(default)]
+    pub phase: ClaimPhase,
+    #[serde(default, rename = "sandboxID", skip_serializing_if = "Option::is_none")]
+    pub sandbox_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_name: Option<String>,
+    /// The host-form address, e.g. `<id>.sandbox.example.com`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "preserve_unknown_list")]
+    pub conditions: Vec<Condition>,
+}
+
+fn preserve_unknown(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "object", "x-kubernetes-preserve-unknown-fields": true})
+}
+
+fn preserve_unknown_list(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "array", "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}})
+}
+
+/// The CRDs as YAML documents, in the order crdgen writes them.
+pub fn crds() -> Vec<(&'static str, String)> {
+    use kube::CustomResourceExt;
+    vec![
+        (
+            "sandboxpools.yaml",
+            serde_yaml::to_string(&SandboxPool::crd()).expect("CRD serializes"),
+        ),
+        (
+            "sandboxclaims.yaml",
+            serde_yaml::to_string(&SandboxClaim::crd()).expect("CRD serializes"),
+        ),
+    ]
+}

@@ -1,0 +1,621 @@
+//! Pool and claim reconcilers (kube-runtime controllers). Only the leader acts.
+//!
+//! - Pools: keep `replicas` warm pods (see `pool::plan_pool`), replace released and failed pods,
+//!   rotate old idle ones; a finalizer keeps a deleted pool until its claimed sandboxes are released.
+//! - Claims: bind one idle, Ready pod with a JSON patch whose `test` pins `phase=idle`, so two
+//!   claims never get the same pod; a claim that loses the race tries the next pod. Deleting a claim
+//!   releases its sandbox; a sandbox released for idleness marks its claim Released.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::finalizer::{finalizer, Event as Finalizer};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use sandgate_shared::{Contract, Phase};
+use serde_json::json;
+
+use crate::crd::{ClaimPhase, SandboxClaim, SandboxClaimStatus, SandboxPool};
+use crate::idle::{format_time, parse_idle_timeout};
+use crate::pool::{plan_pool, Expectations, PodView};
+
+const POOL_FINALIZER: &str = "sandgate.dev/pool";
+const CLAIM_FINALIZER: &str = "sandgate.dev/claim";
+/// Pod annotation naming the claim that bound it (`<namespace>/<name>`).
+const ANN_CLAIM: &str = "sandgate.dev/claim";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+    #[error("pool {0} still has claimed sandboxes; waiting for their release")]
+    ClaimedRemain(String),
+    #[error("invalid {field} {value:?}")]
+    Invalid { field: &'static str, value: String },
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolPhase {
+    pub pool: String,
+    pub phase: String,
+}
+
+#[derive(Clone)]
+pub struct LifecycleMetrics {
+    pub claim_seconds: Histogram,
+    pub replenish_seconds: Histogram,
+    pub pool_pods: Family<PoolPhase, Gauge>,
+    pub claims_waiting: Gauge,
+}
+
+impl LifecycleMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let r = registry.sub_registry_with_prefix("sandgate_controller");
+        let m = LifecycleMetrics {
+            claim_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            replenish_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 14)),
+            pool_pods: Family::default(),
+            claims_waiting: Gauge::default(),
+        };
+        r.register(
+            "claim_duration_seconds",
+            "From claim creation to Bound",
+            m.claim_seconds.clone(),
+        );
+        r.register(
+            "replenish_duration_seconds",
+            "From pool pod creation to idle and Ready",
+            m.replenish_seconds.clone(),
+        );
+        r.register("pool_pods", "Pool pods by phase", m.pool_pods.clone());
+        r.register(
+            "claims_waiting",
+            "Claims waiting for an idle pod",
+            m.claims_waiting.clone(),
+        );
+        m
+    }
+}
+
+pub struct Ctx {
+    pub client: kube::Client,
+    pub contract: Contract,
+    /// Pods carrying the pool label.
+    pub pods: Store<Pod>,
+    pub expectations: Expectations,
+    /// Claims this process bound, by claim UID → pod name (until the status shows it).
+    pub bound: Mutex<HashMap<String, String>>,
+    pub waiting: Mutex<HashSet<String>>,
+    pub failures: Mutex<HashMap<String, (u32, Instant)>>,
+    pub domain: Option<String>,
+    pub is_leader: Arc<AtomicBool>,
+    pub metrics: LifecycleMetrics,
+}
+
+fn pool_pods(ctx: &Ctx, ns: &str, pool: &str) -> Vec<Arc<Pod>> {
+    ctx.pods
+        .state()
+        .into_iter()
+        .filter(|p| {
+            p.namespace().as_deref() == Some(ns)
+                && p.labels().get(&ctx.contract.label_pool).map(String::as_str) == Some(pool)
+        })
+        .collect()
+}
+
+fn not_leader(ctx: &Ctx) -> Option<Action> {
+    (!ctx.is_leader.load(Ordering::SeqCst)).then(|| Action::requeue(Duration::from_secs(2)))
+}
+
+pub async fn reconcile_pool(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    if let Some(a) = not_leader(&ctx) {
+        return Ok(a);
+    }
+    let ns = pool.namespace().unwrap_or_default();
+    let api: Api<SandboxPool> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, POOL_FINALIZER, pool, |ev| async {
+        match ev {
+            Finalizer::Apply(p) => apply_pool(&p, &ctx).await,
+            Finalizer::Cleanup(p) => cleanup_pool(&p, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(other.to_string()),
+    })
+}
+
+async fn apply_pool(pool: &SandboxPool, ctx: &Ctx) -> Result<Action, Error> {
+    let (ns, name) = (pool.namespace().unwrap_or_default(), pool.name_any());
+    let max_age = match &pool.spec.max_pod_age {
+        Some(s) => {
+            Some(
+                sandgate_shared::duration::parse_duration(s).map_err(|_| Error::Invalid {
+                    field: "spec.maxPodAge",
+                    value: s.clone(),
+                })?,
+            )
+        }
+        None => None,
+    };
+    let pods = pool_pods(ctx, &ns, &name);
+    let views: Vec<PodView> = pods.iter().map(|p| PodView::of(p, &ctx.contract)).collect();
+    let seen: HashSet<&str> = views.iter().map(|v| v.name.as_str()).collect();
+    let key = format!("{ns}/{name}");
+    let expected = ctx.expectations.pending(&key, &seen);
+    let mut plan = plan_pool(
+        pool.spec.replicas,
+        max_age,
+        &views,
+        expected,
+        SystemTime::now(),
+    );
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+
+    for n in &plan.mark_idle {
+        let patch = json!({"metadata": {"labels": {ctx.contract.label_phase.as_str(): Phase::Idle.as_str()}}});
+        pods_api
+            .patch(n, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        if let Some(v) = views.iter().find(|v| &v.name == n) {
+            ctx.metrics.replenish_seconds.observe(
+                SystemTime::now()
+                    .duration_since(v.created)
+                    .unwrap_or_default()
+                    .as_secs_f64(),
+            );
+        }
+    }
+    // Failed pods are replaced with exponential backoff.
+    let failed = views
+        .iter()
+        .filter(|v| v.failed || v.phase == Some(Phase::Failed))
+        .count() as u32;
+    let backoff = {
+        let mut f = ctx.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = f.entry(key.clone()).or_insert((0, Instant::now()));
+        if failed > 0 {
+            *entry = (entry.0 + failed, Instant::now());
+        } else if !plan.mark_idle.is_empty() {
+            *entry = (0, Instant::now());
+        }
+        let wait = Duration::from_secs(1) * 2u32.saturating_pow(entry.0.saturating_sub(1)).min(60);
+        (entry.0 > 1 && entry.1.elapsed() < wait).then(|| wait - entry.1.elapsed())
+    };
+    for n in &plan.delete {
+        match pods_api.delete(n, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if backoff.is_some() {
+        plan.create = 0;
+    }
+    for _ in 0..plan.create {
+        let pod = pool_pod(pool, &ctx.contract, &name);
+        let pod_name = pod.metadata.name.clone().unwrap_or_default();
+        ctx.expectations.expect(&key, &pod_name);
+        pods_api.create(&PostParams::default(), &pod).await?;
+    }
+    for (phase, n) in &plan.status.replicas {
+        ctx.metrics
+            .pool_pods
+            .get_or_create(&PoolPhase {
+                pool: key.clone(),
+                phase: phase.clone(),
+            })
+            .set(i64::from(*n));
+    }
+    let mut status = plan.status;
+    status.observed_generation = pool.metadata.generation.unwrap_or(0);
+    let api: Api<SandboxPool> = Api::namespaced(ctx.client.clone(), &ns);
+    api.patch_status(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"status": status})),
+    )
+    .await?;
+    Ok(Action::requeue(backoff.unwrap_or(Duration::from_secs(30))))
+}
+
+/// A new warm pod from the pool's template, with the contract's labels.
+fn pool_pod(pool: &SandboxPool, c: &Contract, name: &str) -> Pod {
+    let t = pool.spec.template.clone();
+    let mut meta = t.metadata.unwrap_or_default();
+    meta.name = Some(format!("{name}-{}", random_id(8)));
+    meta.namespace = pool.namespace();
+    let labels = meta.labels.get_or_insert_with(Default::default);
+    labels.insert(c.label_pool.clone(), name.to_string());
+    labels.insert(c.label_phase.clone(), Phase::Starting.as_str().into());
+    labels.remove(&c.label_sandbox_id);
+    let ann = meta.annotations.get_or_insert_with(Default::default);
+    if let Some(port) = pool.spec.port {
+        ann.insert(c.ann_port.clone(), port.to_string());
+    }
+    Pod {
+        metadata: meta,
+        spec: t.spec,
+        status: None,
+    }
+}
+
+async fn cleanup_pool(pool: &SandboxPool, ctx: &Ctx) -> Result<Action, Error> {
+    let (ns, name) = (pool.namespace().unwrap_or_default(), pool.name_any());
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut claimed = 0;
+    for p in pool_pods(ctx, &ns, &name) {
+        if PodView::of(&p, &ctx.contract).phase == Some(Phase::Running) {
+            claimed += 1;
+        } else if p.metadata.deletion_timestamp.is_none() {
+            let _ = pods_api
+                .delete(&p.name_any(), &DeleteParams::default())
+                .await;
+        }
+    }
+    if claimed > 0 {
+        return Err(Error::ClaimedRemain(format!("{ns}/{name}")));
+    }
+    Ok(Action::await_change())
+}
+
+/// `[a-z0-9]`, `n` characters from the thread's CSPRNG.
+pub fn random_id(n: usize) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    (0..n)
+        .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+/// A new sandbox ID: DNS-label safe, starts with a letter, 100 bits of randomness.
+pub fn new_sandbox_id() -> String {
+    format!("sbx-{}", random_id(20))
+}
+
+pub async fn reconcile_claim(claim: Arc<SandboxClaim>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    if let Some(a) = not_leader(&ctx) {
+        return Ok(a);
+    }
+    let ns = claim.namespace().unwrap_or_default();
+    let api: Api<SandboxClaim> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, CLAIM_FINALIZER, claim, |ev| async {
+        match ev {
+            Finalizer::Apply(c) => apply_claim(&c, &ctx).await,
+            Finalizer::Cleanup(c) => cleanup_claim(&c, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(other.to_string()),
+    })
+}
+
+async fn set_status(
+    ctx: &Ctx,
+    claim: &SandboxClaim,
+    status: &SandboxClaimStatus,
+) -> Result<(), Error> {
+    let api: Api<SandboxClaim> =
+        Api::namespaced(ctx.client.clone(), &claim.namespace().unwrap_or_default());
+    api.patch_status(
+        &claim.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"status": status})),
+    )
+    .await?;
+    Ok(())
+}
+
+/// The claim's bound pod, if it is still running the claim's sandbox.
+fn live_pod(ctx: &Ctx, ns: &str, status: &SandboxClaimStatus) -> Option<Arc<Pod>> {
+    let name = status.pod_name.as_deref()?;
+    let pod = ctx.pods.get(&ObjectRef::new(name).within(ns))?;
+    let labels = pod.labels();
+    (labels.get(&ctx.contract.label_phase).map(String::as_str) == Some("running")
+        && labels.get(&ctx.contract.label_sandbox_id) == status.sandbox_id.as_ref())
+    .then_some(pod)
+}
+
+/// The pod cache may lag behind a bind: before calling a claim released, ask the API.
+async fn still_bound_in_api(
+    ctx: &Ctx,
+    ns: &str,
+    status: &SandboxClaimStatus,
+) -> Result<bool, Error> {
+    let Some(name) = status.pod_name.as_deref() else {
+        return Ok(false);
+    };
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let Some(pod) = api.get_opt(name).await? else {
+        return Ok(false);
+    };
+    let labels = pod.labels();
+    Ok(
+        labels.get(&ctx.contract.label_phase).map(String::as_str) == Some("running")
+            && labels.get(&ctx.contract.label_sandbox_id) == status.sandbox_id.as_ref(),
+    )
+}
+
+async fn apply_claim(claim: &SandboxClaim, ctx: &Ctx) -> Result<Action, Error> {
+    let ns = claim.namespace().unwrap_or_default();
+    let uid = claim.uid().unwrap_or_default();
+    let status = claim.status.clone().unwrap_or_default();
+    match status.phase {
+        ClaimPhase::Released | ClaimPhase::Failed => return Ok(Action::await_change()),
+        ClaimPhase::Bound => {
+            ctx.bound
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&uid);
+            if live_pod(ctx, &ns, &status).is_some()
+                || still_bound_in_api(ctx, &ns, &status).await?
+            {
+                return Ok(Action::requeue(Duration::from_secs(60)));
+            }
+            // Released for idleness (or the pod is gone): the claim is over.
+            let released = SandboxClaimStatus {
+                phase: ClaimPhase::Released,
+                ..status
+            };
+            set_status(ctx, claim, &released).await?;
+            return Ok(Action::await_change());
+        }
+        ClaimPhase::Pending => {}
+    }
+    let remembered = ctx
+        .bound
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&uid)
+        .cloned();
+    if remembered.is_some() {
+        // Bound by this process already; the status write is what is missing.
+        return Ok(Action::requeue(Duration::from_millis(200)));
+    }
+    let pools: Api<SandboxPool> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(pool) = pools.get_opt(&claim.spec.pool_name).await? else {
+        ctx.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(uid.clone());
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    };
+    let timeout = claim
+        .spec
+        .idle_timeout
+        .clone()
+        .or(pool.spec.default_idle_timeout.clone());
+    if let Some(t) = &timeout {
+        parse_idle_timeout(t).map_err(|_| Error::Invalid {
+            field: "idleTimeout",
+            value: t.clone(),
+        })?;
+    }
+    let mut candidates: Vec<Arc<Pod>> = pool_pods(ctx, &ns, &claim.spec.pool_name)
+        .into_iter()
+        .filter(|p| {
+            let v = PodView::of(p, &ctx.contract);
+            v.phase == Some(Phase::Idle) && v.ready && !v.deleting && !v.failed
+        })
+        .collect();
+    // Spread concurrent claims over different pods.
+    for i in (1..candidates.len()).rev() {
+        candidates.swap(i, rand::random_range(0..=i));
+    }
+    for pod in candidates {
+        let id = new_sandbox_id();
+        match bind(ctx, claim, &pod, &id, timeout.as_deref()).await {
+            Ok(()) => {
+                ctx.bound
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(uid.clone(), pod.name_any());
+                ctx.waiting
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&uid);
+                ctx.metrics
+                    .claims_waiting
+                    .set(ctx.waiting.lock().unwrap_or_else(|e| e.into_inner()).len() as i64);
+                let bound = SandboxClaimStatus {
+                    phase: ClaimPhase::Bound,
+                    url: ctx.domain.as_ref().map(|d| format!("{id}.{d}")),
+                    sandbox_id: Some(id),
+                    pod_name: Some(pod.name_any()),
+                    conditions: vec![],
+                };
+                set_status(ctx, claim, &bound).await?;
+                if let Some(created) = claim.meta().creation_timestamp.as_ref() {
+                    let waited = SystemTime::now()
+                        .duration_since(SystemTime::from(created.0))
+                        .unwrap_or_default();
+                    ctx.metrics.claim_seconds.observe(waited.as_secs_f64());
+                }
+                return Ok(Action::requeue(Duration::from_secs(60)));
+            }
+            Err(Error::Kube(kube::Error::Api(e))) if e.code == 409 || e.code == 422 => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    ctx.waiting
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(uid);
+    ctx.metrics
+        .claims_waiting
+        .set(ctx.waiting.lock().unwrap_or_else(|e| e.into_inner()).len() as i64);
+    if status.pod_name.is_none() && claim.status.is_none() {
+        set_status(
+            ctx,
+            claim,
+            &SandboxClaimStatus {
+                phase: ClaimPhase::Pending,
+                ..Default::default()
+            },
+        )
+        .await?;
+    }
+    Ok(Action::requeue(Duration::from_millis(200)))
+}
+
+fn pointer(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}
+
+/// Claims `pod` for `claim` in one guarded patch.
+async fn bind(
+    ctx: &Ctx,
+    claim: &SandboxClaim,
+    pod: &Pod,
+    id: &str,
+    timeout: Option<&str>,
+) -> Result<(), Error> {
+    let c = &ctx.contract;
+    let label = |k: &str| format!("/metadata/labels/{}", pointer(k));
+    let ann = |k: &str| format!("/metadata/annotations/{}", pointer(k));
+    let mut ops = vec![
+        json!({"op": "test", "path": label(&c.label_phase), "value": "idle"}),
+        json!({"op": "replace", "path": label(&c.label_phase), "value": "running"}),
+        json!({"op": "add", "path": label(&c.label_sandbox_id), "value": id}),
+    ];
+    if pod.metadata.annotations.is_none() {
+        ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": {}}));
+    }
+    let claim_ref = format!(
+        "{}/{}",
+        claim.namespace().unwrap_or_default(),
+        claim.name_any()
+    );
+    ops.push(json!({"op": "add", "path": ann(&c.ann_claimed_at), "value": format_time(SystemTime::now())}));
+    ops.push(json!({"op": "add", "path": ann(ANN_CLAIM), "value": claim_ref}));
+    if let Some(t) = timeout {
+        ops.push(json!({"op": "add", "path": ann(&c.ann_idle_timeout), "value": t}));
+    }
+    for (k, v) in &claim.spec.labels {
+        if !k.starts_with(&c.prefix) {
+            ops.push(json!({"op": "add", "path": label(k), "value": v}));
+        }
+    }
+    for (k, v) in &claim.spec.annotations {
+        if !k.starts_with(&c.prefix) {
+            ops.push(json!({"op": "add", "path": ann(k), "value": v}));
+        }
+    }
+    let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(ops))
+        .map_err(|e| Error::Finalizer(e.to_string()))?;
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default());
+    api.patch(
+        &pod.name_any(),
+        &PatchParams::default(),
+        &Patch::Json::<()>(patch),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn cleanup_claim(claim: &SandboxClaim, ctx: &Ctx) -> Result<Action, Error> {
+    let ns = claim.namespace().unwrap_or_default();
+    let status = claim.status.clone().unwrap_or_default();
+    ctx.waiting
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&claim.uid().unwrap_or_default());
+    let pod_name = status.pod_name.clone().or_else(|| {
+        ctx.bound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&claim.uid().unwrap_or_default())
+            .cloned()
+    });
+    if let (Some(pod), Some(id)) = (pod_name, status.sandbox_id.as_ref()) {
+        let c = &ctx.contract;
+        let label = |k: &str| format!("/metadata/labels/{}", pointer(k));
+        let ann = |k: &str| format!("/metadata/annotations/{}", pointer(k));
+        let ops = json!([
+            {"op": "test", "path": label(&c.label_phase), "value": "running"},
+            {"op": "test", "path": label(&c.label_sandbox_id), "value": id},
+            {"op": "replace", "path": label(&c.label_phase), "value": "stopping"},
+            {"op": "add", "path": ann(&c.ann_stop_reason), "value": "ClaimDeleted"},
+            {"op": "add", "path": ann(&c.ann_stopped_at), "value": format_time(SystemTime::now())},
+        ]);
+        let patch: json_patch::Patch =
+            serde_json::from_value(ops).map_err(|e| Error::Finalizer(e.to_string()))?;
+        let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+        match api
+            .patch(&pod, &PatchParams::default(), &Patch::Json::<()>(patch))
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(claim = %claim.name_any(), sandbox_id = %id, "claim deleted: sandbox released")
+            }
+            Err(kube::Error::Api(e)) if matches!(e.code, 404 | 409 | 422) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    ctx.bound
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&claim.uid().unwrap_or_default());
+    Ok(Action::await_change())
+}
+
+fn error_policy<K>(_obj: Arc<K>, err: &Error, _ctx: Arc<Ctx>) -> Action {
+    match err {
+        Error::ClaimedRemain(_) => Action::requeue(Duration::from_secs(2)),
+        e => {
+            tracing::warn!(error = %e, "reconcile failed; retrying");
+            Action::requeue(Duration::from_secs(1))
+        }
+    }
+}
+
+/// Runs both controllers forever.
+pub async fn run(
+    ctx: Arc<Ctx>,
+    pools: Api<SandboxPool>,
+    claims: Api<SandboxClaim>,
+    pods: Api<Pod>,
+) {
+    let pool_label = ctx.contract.label_pool.clone();
+    let pods_cfg = watcher::Config::default().labels(&pool_label);
+    let to_pool = {
+        let l = pool_label.clone();
+        move |p: Pod| {
+            p.labels().get(&l).map(|pool| {
+                ObjectRef::<SandboxPool>::new(pool).within(&p.namespace().unwrap_or_default())
+            })
+        }
+    };
+    let to_claim = |p: Pod| {
+        let r = p.annotations().get(ANN_CLAIM)?.clone();
+        let (ns, name) = r.split_once('/')?;
+        Some(ObjectRef::<SandboxClaim>::new(name).within(ns))
+    };
+    let pools_ctl = Controller::new(pools, watcher::Config::default())
+        .watches(pods.clone(), pods_cfg.clone(), to_pool)
+        .run(reconcile_pool, error_policy, ctx.clone())
+        .for_each(|_| futures::future::ready(()));
+    let claims_ctl = Controller::new(claims, watcher::Config::default())
+        .watches(pods, pods_cfg, to_claim)
+        .run(reconcile_claim, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()));
+    tokio::join!(pools_ctl, claims_ctl);
+}

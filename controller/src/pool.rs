@@ -1,0 +1,238 @@
+//! The pool reconciler: keeps `replicas` warm idle pods per SandboxPool.
+//!
+//! The plan is a pure function of the pool, its pods and the creations still expected to show up
+//! in the pod cache ("expectations"), so informer lag never makes it create twice. Claimed
+//! (running) pods are never counted, deleted or rotated.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use k8s_openapi::api::core::v1::Pod;
+use sandgate_shared::{Contract, Phase};
+
+use crate::crd::SandboxPoolStatus;
+
+/// What the pool plan needs to know about one pod.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodView {
+    pub name: String,
+    pub phase: Option<Phase>,
+    pub ready: bool,
+    /// The kubelet reports the pod Failed.
+    pub failed: bool,
+    pub created: SystemTime,
+    pub deleting: bool,
+}
+
+impl PodView {
+    pub fn of(pod: &Pod, c: &Contract) -> PodView {
+        let labels = pod.metadata.labels.as_ref();
+        let status = pod.status.as_ref();
+        PodView {
+            name: pod.metadata.name.clone().unwrap_or_default(),
+            phase: labels
+                .and_then(|l| l.get(&c.label_phase))
+                .and_then(|p| p.parse().ok()),
+            ready: status
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|x| x.type_ == "Ready" && x.status == "True")),
+            failed: status.and_then(|s| s.phase.as_deref()) == Some("Failed"),
+            created: pod
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| SystemTime::from(t.0))
+                .unwrap_or(SystemTime::now()),
+            deleting: pod.metadata.deletion_timestamp.is_some(),
+        }
+    }
+}
+
+/// What to do for one pool.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct PoolPlan {
+    pub create: usize,
+    pub delete: Vec<String>,
+    pub mark_idle: Vec<String>,
+    pub status: SandboxPoolStatus,
+}
+
+/// Plans a pool. `expected` is how many created pods have not yet appeared.
+pub fn plan_pool(
+    replicas: i32,
+    max_age: Option<Duration>,
+    pods: &[PodView],
+    expected: usize,
+    now: SystemTime,
+) -> PoolPlan {
+    let mut plan = PoolPlan::default();
+    let mut counts: BTreeMap<String, i32> = BTreeMap::new();
+    let mut warm_starting = Vec::new();
+    let mut warm_idle = Vec::new();
+    for p in pods.iter().filter(|p| !p.deleting) {
+        let phase = if p.failed {
+            Some(Phase::Failed)
+        } else {
+            p.phase
+        };
+        *counts
+            .entry(
+                phase
+                    .map(|x| x.to_string())
+                    .unwrap_or_else(|| "unknown".into()),
+            )
+            .or_default() += 1;
+        match phase {
+            Some(Phase::Stopping | Phase::Failed) => plan.delete.push(p.name.clone()),
+            Some(Phase::Starting) if p.ready => {
+                plan.mark_idle.push(p.name.clone());
+                warm_idle.push(p);
+            }
+            Some(Phase::Starting) => warm_starting.push(p),
+            Some(Phase::Idle) => {
+                let too_old =
+                    max_age.is_some_and(|m| now.duration_since(p.created).unwrap_or_default() > m);
+                if too_old {
+                    plan.delete.push(p.name.clone());
+                } else {
+                    warm_idle.push(p);
+                }
+            }
+            Some(Phase::Running) => plan.status.claimed += 1,
+            None => {}
+        }
+    }
+    let want = usize::try_from(replicas).unwrap_or(0);
+    let warm = warm_idle.len() + warm_starting.len() + expected;
+    if warm < want {
+        plan.create = want - warm;
+    } else {
+        // Scale down: starting pods first, then the oldest idle ones. Never a claimed pod.
+        let mut excess = warm - want;
+        warm_idle.sort_by_key(|p| p.created);
+        for p in warm_starting.iter().chain(warm_idle.iter()) {
+            if excess == 0 {
+                break;
+            }
+            plan.delete.push(p.name.clone());
+            plan.mark_idle.retain(|n| n != &p.name);
+            excess -= 1;
+        }
+    }
+    plan.status.available = warm_idle
+        .iter()
+        .filter(|p| p.ready && !plan.delete.contains(&p.name))
+        .count() as i32;
+    plan.status.replicas = counts;
+    plan
+}
+
+/// Creations not yet seen in the pod cache, per pool. Entries expire, so a lost create is retried.
+#[derive(Default)]
+pub struct Expectations(Mutex<HashMap<String, HashMap<String, Instant>>>);
+
+const EXPECTATION_TTL: Duration = Duration::from_secs(30);
+
+impl Expectations {
+    pub fn expect(&self, pool: &str, pod: &str) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(pool.to_string())
+            .or_default()
+            .insert(pod.to_string(), Instant::now());
+    }
+
+    /// How many expected pods of `pool` are still missing from `seen`.
+    pub fn pending(&self, pool: &str, seen: &HashSet<&str>) -> usize {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(e) = m.get_mut(pool) else { return 0 };
+        e.retain(|name, at| !seen.contains(name.as_str()) && at.elapsed() < EXPECTATION_TTL);
+        e.len()
+    }
+}
+
+pub type SharedExpectations = Arc<Expectations>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, phase: Phase, ready: bool) -> PodView {
+        PodView {
+            name: name.into(),
+            phase: Some(phase),
+            ready,
+            failed: false,
+            created: SystemTime::UNIX_EPOCH,
+            deleting: false,
+        }
+    }
+
+    #[test]
+    fn fills_the_pool_and_counts_expectations() {
+        let now = SystemTime::now();
+        assert_eq!(plan_pool(3, None, &[], 0, now).create, 3);
+        assert_eq!(plan_pool(3, None, &[], 2, now).create, 1);
+        let pods = [
+            pod("a", Phase::Idle, true),
+            pod("b", Phase::Starting, false),
+        ];
+        assert_eq!(plan_pool(3, None, &pods, 0, now).create, 1);
+    }
+
+    #[test]
+    fn claimed_pods_do_not_count_and_are_never_touched() {
+        let now = SystemTime::now();
+        let pods = [
+            pod("c1", Phase::Running, true),
+            pod("c2", Phase::Running, true),
+            pod("a", Phase::Idle, true),
+        ];
+        let plan = plan_pool(1, None, &pods, 0, now);
+        assert_eq!(plan.create, 0);
+        assert!(plan.delete.is_empty());
+        assert_eq!(plan.status.claimed, 2);
+        // Scale to zero: only the idle pod goes.
+        let plan = plan_pool(0, None, &pods, 0, now);
+        assert_eq!(plan.delete, ["a"]);
+    }
+
+    #[test]
+    fn ready_starting_pods_become_idle_and_released_or_failed_pods_go() {
+        let now = SystemTime::now();
+        let mut failed = pod("f", Phase::Idle, false);
+        failed.failed = true;
+        let pods = [
+            pod("s", Phase::Starting, true),
+            pod("r", Phase::Stopping, true),
+            failed,
+        ];
+        let plan = plan_pool(2, None, &pods, 0, now);
+        assert_eq!(plan.mark_idle, ["s"]);
+        assert_eq!(plan.delete, ["r", "f"]);
+        assert_eq!(plan.create, 1);
+        assert_eq!(plan.status.available, 1);
+    }
+
+    #[test]
+    fn old_idle_pods_rotate_but_claimed_ones_stay() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(10_000);
+        let pods = [
+            pod("old-idle", Phase::Idle, true),
+            pod("old-claimed", Phase::Running, true),
+        ];
+        let plan = plan_pool(1, Some(Duration::from_secs(3600)), &pods, 0, now);
+        assert_eq!(plan.delete, ["old-idle"]);
+        assert_eq!(plan.create, 1);
+    }
+
+    #[test]
+    fn expectations_clear_when_pods_appear() {
+        let e = Expectations::default();
+        e.expect("p", "p-1");
+        e.expect("p", "p-2");
+        assert_eq!(e.pending("p", &HashSet::new()), 2);
+        assert_eq!(e.pending("p", &["p-1"].into_iter().collect()), 1);
+        assert_eq!(e.pending("other", &HashSet::new()), 0);
+    }
+}

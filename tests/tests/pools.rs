@@ -1,0 +1,334 @@
+//! Warm pools and claims, process level: real Envoy, sandgate-extproc, sandgate-controller and the
+//! API double with its loopback kubelet.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures::future::join_all;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use sandgate_controller::crd::{ClaimPhase, SandboxClaim, SandboxPool};
+use sandgate_tests::cluster::Cluster;
+use sandgate_tests::procs::eventually;
+use serde_json::json;
+
+const SEC: Duration = Duration::from_secs(1);
+
+async fn cluster() -> Cluster {
+    let mut c = Cluster::start(1).await;
+    c.start_controller(
+        "ctrl",
+        &[
+            "--sandbox-domain",
+            "sandbox.localhost",
+            "--leader-election",
+            "false",
+        ],
+    );
+    c
+}
+
+fn pools(c: &Cluster) -> Api<SandboxPool> {
+    Api::namespaced(c.client.clone(), "default")
+}
+fn claims(c: &Cluster) -> Api<SandboxClaim> {
+    Api::namespaced(c.client.clone(), "default")
+}
+
+async fn create_pool(c: &Cluster, name: &str, replicas: i32, idle_timeout: &str) {
+    let pool: SandboxPool = serde_json::from_value(json!({
+        "apiVersion": "sandgate.dev/v1alpha1", "kind": "SandboxPool",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"replicas": replicas, "port": 8080, "defaultIdleTimeout": idle_timeout,
+                 "template": {"spec": {"containers": [{"name": "sandbox", "image": "sandgate/echo:test", "ports": [{"containerPort": 8080}]}]}}},
+    }))
+    .unwrap();
+    pools(c)
+        .create(&PostParams::default(), &pool)
+        .await
+        .unwrap();
+}
+
+async fn scale(c: &Cluster, name: &str, replicas: i32) {
+    let patch = json!({"spec": {"replicas": replicas}});
+    pools(c)
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+}
+
+async fn until_available(c: &Cluster, pool: &str, n: i32, within: Duration) {
+    eventually(within, || async {
+        let p = pools(c).get(pool).await.map_err(|e| e.to_string())?;
+        let s = p.status.unwrap_or_default();
+        let idle = phase_pods(c, pool, "idle").await.len() as i32;
+        if s.available == n && idle == n {
+            Ok(())
+        } else {
+            Err(format!(
+                "{pool}: available {}, idle pods {idle}, want {n}",
+                s.available
+            ))
+        }
+    })
+    .await
+}
+
+async fn phase_pods(c: &Cluster, pool: &str, phase: &str) -> Vec<Pod> {
+    let lp = ListParams::default().labels(&format!(
+        "sandgate.dev/pool={pool},sandgate.dev/phase={phase}"
+    ));
+    c.pods()
+        .list(&lp)
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+}
+
+async fn claim(c: &Cluster, name: &str, pool: &str) {
+    let cl: SandboxClaim = serde_json::from_value(json!({
+        "apiVersion": "sandgate.dev/v1alpha1", "kind": "SandboxClaim",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"poolName": pool},
+    }))
+    .unwrap();
+    claims(c).create(&PostParams::default(), &cl).await.unwrap();
+}
+
+/// Waits for a claim to reach `phase`; returns (sandbox id, pod name).
+async fn until_claim(
+    c: &Cluster,
+    name: &str,
+    phase: ClaimPhase,
+    within: Duration,
+) -> (String, String) {
+    eventually(within, || async {
+        let cl = claims(c).get(name).await.map_err(|e| e.to_string())?;
+        let s = cl.status.unwrap_or_default();
+        if s.phase == phase {
+            Ok((
+                s.sandbox_id.unwrap_or_default(),
+                s.pod_name.unwrap_or_default(),
+            ))
+        } else {
+            Err(format!("{name} is {:?}", s.phase))
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_claim_on_a_warm_pool_binds_and_routes() {
+    let c = cluster().await;
+    create_pool(&c, "warm", 2, "1h").await;
+    until_available(&c, "warm", 2, 10 * SEC).await;
+    claim(&c, "c1", "warm").await;
+    let (id, pod) = until_claim(&c, "c1", ClaimPhase::Bound, 5 * SEC).await;
+    assert!(id.starts_with("sbx-") && id.len() == 24, "{id}");
+    let cl = claims(&c).get("c1").await.unwrap();
+    assert_eq!(
+        cl.status.unwrap().url.as_deref(),
+        Some(format!("{id}.sandbox.localhost").as_str())
+    );
+    // The host form with the pool's default port reaches the claimed pod.
+    let r = c.get(0, &format!("{id}.sandbox.localhost")).await;
+    assert_eq!((r.status, r.pod()), (200, Some(pod.clone())), "{}", r.body);
+    let p = c.pods().get(&pod).await.unwrap();
+    let ann = p.metadata.annotations.unwrap();
+    assert!(ann.contains_key("sandgate.dev/claimed-at"));
+    assert_eq!(ann["sandgate.dev/idle-timeout"], "1h");
+    // The pool is replenished at once.
+    until_available(&c, "warm", 2, 10 * SEC).await;
+}
+
+#[tokio::test]
+async fn fifty_concurrent_claims_get_fifty_pods_and_a_fifty_first_waits_for_the_refill() {
+    let c = cluster().await;
+    create_pool(&c, "big", 50, "1h").await;
+    until_available(&c, "big", 50, 30 * SEC).await;
+    let names: Vec<String> = (0..51).map(|i| format!("c{i}")).collect();
+    join_all(names.iter().map(|n| claim(&c, n, "big"))).await;
+    let bound = join_all(
+        names
+            .iter()
+            .map(|n| until_claim(&c, n, ClaimPhase::Bound, 30 * SEC)),
+    )
+    .await;
+    let pods: HashSet<&String> = bound.iter().map(|(_, p)| p).collect();
+    let ids: HashSet<&String> = bound.iter().map(|(i, _)| i).collect();
+    assert_eq!(pods.len(), 51, "two claims share a pod");
+    assert_eq!(ids.len(), 51);
+    assert_eq!(phase_pods(&c, "big", "running").await.len(), 51);
+}
+
+#[tokio::test]
+async fn claim_traffic_idle_release_then_the_pool_is_whole_again() {
+    let c = cluster().await;
+    create_pool(&c, "cycle", 2, "3s").await;
+    until_available(&c, "cycle", 2, 10 * SEC).await;
+    claim(&c, "c1", "cycle").await;
+    let (id, pod) = until_claim(&c, "c1", ClaimPhase::Bound, 5 * SEC).await;
+    for _ in 0..3 {
+        assert_eq!(
+            c.get(0, &format!("{id}.sandbox.localhost")).await.status,
+            200
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    until_claim(&c, "c1", ClaimPhase::Released, 15 * SEC).await;
+    assert_eq!(
+        c.get(0, &format!("{id}.sandbox.localhost")).await.status,
+        502
+    );
+    // The released pod is deleted and the pool is back at full size.
+    eventually(10 * SEC, || async {
+        match c.pods().get_opt(&pod).await.map_err(|e| e.to_string())? {
+            None => Ok(()),
+            Some(_) => Err(format!("{pod} still exists")),
+        }
+    })
+    .await;
+    until_available(&c, "cycle", 2, 10 * SEC).await;
+}
+
+#[tokio::test]
+async fn a_failed_pod_is_replaced() {
+    let c = cluster().await;
+    create_pool(&c, "fail", 2, "1h").await;
+    until_available(&c, "fail", 2, 10 * SEC).await;
+    let victim = phase_pods(&c, "fail", "idle").await[0]
+        .metadata
+        .name
+        .clone()
+        .unwrap();
+    let failed = json!({"status": {"phase": "Failed", "conditions": [{"type": "Ready", "status": "False"}]}});
+    c.pods()
+        .patch_status(&victim, &PatchParams::default(), &Patch::Merge(&failed))
+        .await
+        .unwrap();
+    eventually(10 * SEC, || async {
+        match c.pods().get_opt(&victim).await.map_err(|e| e.to_string())? {
+            None => Ok(()),
+            Some(_) => Err(format!("{victim} not replaced yet")),
+        }
+    })
+    .await;
+    until_available(&c, "fail", 2, 10 * SEC).await;
+}
+
+#[tokio::test]
+async fn scaling_never_removes_a_claimed_pod() {
+    let c = cluster().await;
+    create_pool(&c, "sc", 1, "1h").await;
+    until_available(&c, "sc", 1, 10 * SEC).await;
+    scale(&c, "sc", 3).await;
+    until_available(&c, "sc", 3, 10 * SEC).await;
+    claim(&c, "c1", "sc").await;
+    let (_, pod) = until_claim(&c, "c1", ClaimPhase::Bound, 5 * SEC).await;
+    scale(&c, "sc", 0).await;
+    until_available(&c, "sc", 0, 10 * SEC).await;
+    eventually(10 * SEC, || async {
+        let n = c
+            .pods()
+            .list(&ListParams::default().labels("sandgate.dev/pool=sc"))
+            .await
+            .map_err(|e| e.to_string())?
+            .items
+            .len();
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(format!("{n} pods left"))
+        }
+    })
+    .await;
+    assert_eq!(c.phase(&pod).await, "running");
+    scale(&c, "sc", 2).await;
+    until_available(&c, "sc", 2, 10 * SEC).await;
+    assert_eq!(c.phase(&pod).await, "running");
+}
+
+#[tokio::test]
+async fn deleting_a_claim_releases_its_sandbox() {
+    let c = cluster().await;
+    create_pool(&c, "del", 1, "1h").await;
+    until_available(&c, "del", 1, 10 * SEC).await;
+    claim(&c, "c1", "del").await;
+    let (id, _) = until_claim(&c, "c1", ClaimPhase::Bound, 5 * SEC).await;
+    assert_eq!(
+        c.get(0, &format!("{id}.sandbox.localhost")).await.status,
+        200
+    );
+    claims(&c)
+        .delete("c1", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(5 * SEC, || async {
+        let r = c.get(0, &format!("{id}.sandbox.localhost")).await;
+        if r.status == 502 {
+            Ok(())
+        } else {
+            Err(format!("still {}", r.status))
+        }
+    })
+    .await;
+    eventually(5 * SEC, || async {
+        match claims(&c).get_opt("c1").await.map_err(|e| e.to_string())? {
+            None => Ok(()),
+            Some(_) => Err("claim still there".into()),
+        }
+    })
+    .await;
+    until_available(&c, "del", 1, 10 * SEC).await;
+}
+
+#[tokio::test]
+async fn deleting_a_pool_keeps_claimed_sandboxes_until_released() {
+    let c = cluster().await;
+    create_pool(&c, "gone", 2, "1h").await;
+    until_available(&c, "gone", 2, 10 * SEC).await;
+    claim(&c, "c1", "gone").await;
+    let (id, pod) = until_claim(&c, "c1", ClaimPhase::Bound, 5 * SEC).await;
+    pools(&c)
+        .delete("gone", &DeleteParams::default())
+        .await
+        .unwrap();
+    // Idle pods go; the claimed one keeps serving and the pool waits for it.
+    eventually(10 * SEC, || async {
+        let n = c
+            .pods()
+            .list(&ListParams::default().labels("sandgate.dev/pool=gone"))
+            .await
+            .map_err(|e| e.to_string())?
+            .items
+            .len();
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(format!("{n} pods"))
+        }
+    })
+    .await;
+    tokio::time::sleep(2 * SEC).await;
+    assert_eq!(c.phase(&pod).await, "running");
+    assert_eq!(
+        c.get(0, &format!("{id}.sandbox.localhost")).await.status,
+        200
+    );
+    assert!(
+        pools(&c).get_opt("gone").await.unwrap().is_some(),
+        "pool removed while a sandbox is claimed"
+    );
+    // Releasing the sandbox lets the pool go.
+    claims(&c)
+        .delete("c1", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(15 * SEC, || async {
+        match pools(&c).get_opt("gone").await.map_err(|e| e.to_string())? {
+            None => Ok(()),
+            Some(_) => Err("pool still there".into()),
+        }
+    })
+    .await;
+}
