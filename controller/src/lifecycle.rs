@@ -104,6 +104,21 @@ pub struct Ctx {
     pub domain: Option<String>,
     pub is_leader: Arc<AtomicBool>,
     pub metrics: LifecycleMetrics,
+    pub recorder: kube::runtime::events::Recorder,
+}
+
+/// Publishes a Normal event on `obj`; failures are logged, never fatal.
+async fn event<K: Resource<DynamicType = ()>>(ctx: &Ctx, obj: &K, reason: &str, note: String) {
+    let ev = kube::runtime::events::Event {
+        type_: kube::runtime::events::EventType::Normal,
+        reason: reason.into(),
+        note: Some(note),
+        action: reason.into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &obj.object_ref(&())).await {
+        tracing::debug!(error = %e, reason, "cannot publish event");
+    }
 }
 
 fn pool_pods(ctx: &Ctx, ns: &str, pool: &str) -> Vec<Arc<Pod>> {
@@ -198,6 +213,15 @@ async fn apply_pool(pool: &SandboxPool, ctx: &Ctx) -> Result<Action, Error> {
         let wait = Duration::from_secs(1) * 2u32.saturating_pow(entry.0.saturating_sub(1)).min(60);
         (entry.0 > 1 && entry.1.elapsed() < wait).then(|| wait - entry.1.elapsed())
     };
+    if failed > 0 {
+        event(
+            ctx,
+            pool,
+            "PodFailed",
+            format!("{failed} failed pod(s) replaced"),
+        )
+        .await;
+    }
     for n in &plan.delete {
         match pods_api.delete(n, &DeleteParams::default()).await {
             Ok(_) => {}
@@ -371,11 +395,16 @@ async fn apply_claim(claim: &SandboxClaim, ctx: &Ctx) -> Result<Action, Error> {
                 return Ok(Action::requeue(Duration::from_secs(60)));
             }
             // Released for idleness (or the pod is gone): the claim is over.
+            let note = format!(
+                "sandbox {} released",
+                status.sandbox_id.as_deref().unwrap_or_default()
+            );
             let released = SandboxClaimStatus {
                 phase: ClaimPhase::Released,
                 ..status
             };
             set_status(ctx, claim, &released).await?;
+            event(ctx, claim, "Released", note).await;
             return Ok(Action::await_change());
         }
         ClaimPhase::Pending => {}
@@ -443,6 +472,12 @@ async fn apply_claim(claim: &SandboxClaim, ctx: &Ctx) -> Result<Action, Error> {
                     conditions: vec![],
                 };
                 set_status(ctx, claim, &bound).await?;
+                let note = format!(
+                    "bound pod {} as sandbox {}",
+                    pod.name_any(),
+                    bound.sandbox_id.as_deref().unwrap_or_default()
+                );
+                event(ctx, claim, "Bound", note).await;
                 if let Some(created) = claim.meta().creation_timestamp.as_ref() {
                     let waited = SystemTime::now()
                         .duration_since(SystemTime::from(created.0))
