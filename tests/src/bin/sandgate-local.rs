@@ -95,7 +95,13 @@ async fn main() -> anyhow::Result<()> {
             "--default-idle-timeout",
             "10m",
         ])
-        .args(["--admin-addr", "127.0.0.1:9091", "--control-token-file"])
+        .args([
+            "--admin-addr",
+            "127.0.0.1:9091",
+            "--sandbox-domain",
+            &args.domain,
+            "--control-token-file",
+        ])
         .arg(run_dir.join("control-token"))
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -128,6 +134,43 @@ async fn main() -> anyhow::Result<()> {
     })
     .await;
 
+    // The pool lifecycle: a warm pool and one claim on it.
+    let pools: Api<sandgate_controller::crd::SandboxPool> =
+        Api::namespaced(client_for(&kubeconfig).await, "default");
+    pools
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "apiVersion": "sandgate.dev/v1alpha1", "kind": "SandboxPool",
+                "metadata": {"name": "agents", "namespace": "default"},
+                "spec": {"replicas": 3, "port": 8080, "defaultIdleTimeout": "30s",
+                         "template": {"spec": {"containers": [{"name": "sandbox", "image": "sandgate/echo", "ports": [{"containerPort": 8080}]}]}}},
+            }))?,
+        )
+        .await?;
+    let claims: Api<sandgate_controller::crd::SandboxClaim> =
+        Api::namespaced(client_for(&kubeconfig).await, "default");
+    claims
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "apiVersion": "sandgate.dev/v1alpha1", "kind": "SandboxClaim",
+                "metadata": {"name": "demo-claim", "namespace": "default"}, "spec": {"poolName": "agents"},
+            }))?,
+        )
+        .await?;
+    let url = eventually(Duration::from_secs(20), || async {
+        let s = claims
+            .get("demo-claim")
+            .await
+            .map_err(|e| e.to_string())?
+            .status
+            .unwrap_or_default();
+        s.url
+            .ok_or_else(|| "demo-claim not bound yet (see .run/controller.log)".to_string())
+    })
+    .await;
+
     let d = &args.domain;
     let p = local.listen_port;
     println!(
@@ -143,7 +186,14 @@ async fn main() -> anyhow::Result<()> {
          \x20 KUBECONFIG=.run/kubeconfig kubectl get pods --show-labels\n\
          \x20 KUBECONFIG=.run/kubeconfig kubectl get pods -w -L sandgate.dev/phase   # demo-pod-5 is released after 30 s idle\n\
          \x20 curl localhost:9091/metrics                                     # the controller's ticks and releases\n\
-         \nLogs in .run/. Ctrl-C stops everything.",
+         \n\
+         \nThe pool lifecycle: SandboxPool `agents` keeps 3 warm pods; SandboxClaim `demo-claim` is bound to one:\n\
+         \x20 curl -H 'Host: {url}' localhost:{p}/                # the claimed sandbox (pool port 8080)\n\
+         \x20 KUBECONFIG=.run/kubeconfig kubectl get sandboxclaims -o custom-columns=NAME:.metadata.name,PHASE:.status.phase,URL:.status.url\n\
+         \x20 KUBECONFIG=.run/kubeconfig kubectl get sandboxpools -o custom-columns=NAME:.metadata.name,AVAILABLE:.status.available,CLAIMED:.status.claimed\n\
+         \x20 # idle 30 s → the sandbox is released, the claim turns Released, the pool refills to 3\n\
+         \x20 KUBECONFIG=.run/kubeconfig kubectl create --validate=false -f - <<< '{{\"apiVersion\":\"sandgate.dev/v1alpha1\",\"kind\":\"SandboxClaim\",\"metadata\":{{\"name\":\"mine\"}},\"spec\":{{\"poolName\":\"agents\"}}}}'\n\
+\nLogs in .run/. Ctrl-C stops everything.",
         api.addr
     );
     sandgate_tests::procs::ctrl_c().await;
