@@ -244,3 +244,29 @@ pub fn pod_stores(
         })
         .collect()
 }
+
+/// Every Kubernetes API call this binary makes, as (API group, resource, verb). The RBAC test checks
+/// deploy/rbac.yaml grants exactly these.
+pub const API_CALLS: &[(&str, &str, &str)] = &[
+    ("", "pods", "list"),                              // reflectors
+    ("", "pods", "watch"),                             // reflectors
+    ("", "pods", "get"),                               // claim: confirm a release in the API
+    ("", "pods", "patch"),                             // last-active, release, bind, mark idle
+    ("", "pods", "create"),                            // pool pods
+    ("", "pods", "delete"),                            // released, failed, rotated, excess pods
+    ("discovery.k8s.io", "endpointslices", "list"),    // extproc replicas
+    ("coordination.k8s.io", "leases", "get"),          // leader election
+    ("coordination.k8s.io", "leases", "create"),       // leader election
+    ("coordination.k8s.io", "leases", "update"),       // leader election (replace)
+    ("events.k8s.io", "events", "create"),             // release, bind and pool events
+    ("events.k8s.io", "events", "patch"),              // event series
+    ("sandgate.dev", "sandboxpools", "list"),          // pool controller
+    ("sandgate.dev", "sandboxpools", "watch"),         // pool controller
+    ("sandgate.dev", "sandboxpools", "get"),           // claims read their pool
+    ("sandgate.dev", "sandboxpools", "patch"),         // finalizer
+    ("sandgate.dev", "sandboxpools/status", "patch"),  // pool status
+    ("sandgate.dev", "sandboxclaims", "list"),         // claim controller
+    ("sandgate.dev", "sandboxclaims", "watch"),        // claim controller
+    ("sandgate.dev", "sandboxclaims", "patch"),        // finalizer
+    ("sandgate.dev", "sandboxclaims/status", "patch"), // claim status
+];

@@ -156,3 +156,10 @@ fn last_active(pod: &Pod, contract: &Contract) -> Option<std::time::SystemTime> 
         }
     }
 }
+
+/// Every Kubernetes API call this binary makes, as (API group, resource, verb). The RBAC test checks
+/// deploy/rbac.yaml grants exactly these.
+pub const API_CALLS: &[(&str, &str, &str)] = &[
+    ("", "pods", "list"),  // the watch's list and the index-miss lookup
+    ("", "pods", "watch"), // the route index
+];

@@ -56,7 +56,7 @@ pub fn render(p: &EnvoyPorts) -> String {
 }
 
 /// The committed configs and what they must equal.
-pub fn committed() -> [(PathBuf, String); 2] {
+pub fn committed() -> [(PathBuf, String); 3] {
     let root = workspace_root();
     [
         (
@@ -64,6 +64,11 @@ pub fn committed() -> [(PathBuf, String); 2] {
             render(&EnvoyPorts::production()),
         ),
         (root.join("envoy/local.yaml"), render(&EnvoyPorts::local())),
+        // What the kustomize base mounts into the gateway pods.
+        (
+            root.join("deploy/envoy.yaml"),
+            render(&EnvoyPorts::production()),
+        ),
     ]
 }
 
