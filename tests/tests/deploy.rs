@@ -168,7 +168,8 @@ fn rbac_grants_exactly_the_calls_the_binaries_make() {
 /// The rendered base plus the Envoy Gateway example's own workloads.
 fn all_workloads() -> Vec<Value> {
     let root = sandgate_tests::procs::workspace_root();
-    let example = std::fs::read_to_string(root.join("deploy/examples/envoy-gateway/extproc.yaml")).unwrap();
+    let example =
+        std::fs::read_to_string(root.join("deploy/examples/envoy-gateway/extproc.yaml")).unwrap();
     render().into_iter().chain(docs(&example)).collect()
 }
 
@@ -220,4 +221,27 @@ fn the_optional_pod_monitor_is_valid_yaml_for_both_metrics_ports() {
     let d = &docs(&text)[0];
     assert_eq!(d["kind"], "PodMonitor");
     assert_eq!(d["spec"]["podMetricsEndpoints"][0]["port"], "metrics");
+}
+
+#[test]
+fn every_flag_is_documented_in_operating_md() {
+    let root = sandgate_tests::procs::workspace_root();
+    let doc = std::fs::read_to_string(root.join("docs/operating.md")).unwrap();
+    for cmd in [
+        sandgate_extproc::Config::command(),
+        sandgate_controller::Config::command(),
+    ] {
+        for a in cmd.get_arguments() {
+            if let Some(long) = a.get_long() {
+                if ["help", "version"].contains(&long) {
+                    continue;
+                }
+                assert!(
+                    doc.contains(&format!("`--{long}`")),
+                    "docs/operating.md does not document --{long} of {}",
+                    cmd.get_name()
+                );
+            }
+        }
+    }
 }
