@@ -133,6 +133,11 @@ pub fn format_time(t: SystemTime) -> String {
         .unwrap_or_default()
 }
 
+/// Escapes a map key for a JSON pointer (RFC 6901).
+pub fn json_pointer(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}
+
 pub fn parse_time(s: &str) -> Option<SystemTime> {
     s.parse::<jiff::Timestamp>().ok().map(SystemTime::from)
 }

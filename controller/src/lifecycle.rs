@@ -140,12 +140,33 @@ pub async fn reconcile_pool(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Act
     if let Some(a) = not_leader(&ctx) {
         return Ok(a);
     }
-    let ns = pool.namespace().unwrap_or_default();
-    let api: Api<SandboxPool> = Api::namespaced(ctx.client.clone(), &ns);
-    finalizer(&api, POOL_FINALIZER, pool, |ev| async {
+    with_finalizer(pool, POOL_FINALIZER, ctx, apply_pool, cleanup_pool).await
+}
+
+/// Runs `apply` or `cleanup` under kube-runtime's finalizer helper for `obj`'s namespace.
+async fn with_finalizer<K, A, C, FA, FC>(
+    obj: Arc<K>,
+    name: &str,
+    ctx: Arc<Ctx>,
+    apply: A,
+    cleanup: C,
+) -> Result<Action, Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::Serialize
+        + serde::de::DeserializeOwned,
+    A: Fn(Arc<K>, Arc<Ctx>) -> FA,
+    C: Fn(Arc<K>, Arc<Ctx>) -> FC,
+    FA: std::future::Future<Output = Result<Action, Error>>,
+    FC: std::future::Future<Output = Result<Action, Error>>,
+{
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+    finalizer(&api, name, obj, |ev| async {
         match ev {
-            Finalizer::Apply(p) => apply_pool(&p, &ctx).await,
-            Finalizer::Cleanup(p) => cleanup_pool(&p, &ctx).await,
+            Finalizer::Apply(o) => apply(o, ctx.clone()).await,
+            Finalizer::Cleanup(o) => cleanup(o, ctx.clone()).await,
         }
     })
     .await
@@ -156,7 +177,8 @@ pub async fn reconcile_pool(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Act
     })
 }
 
-async fn apply_pool(pool: &SandboxPool, ctx: &Ctx) -> Result<Action, Error> {
+async fn apply_pool(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let (pool, ctx) = (&*pool, &*ctx);
     let (ns, name) = (pool.namespace().unwrap_or_default(), pool.name_any());
     let max_age = match &pool.spec.max_pod_age {
         Some(s) => {
@@ -280,7 +302,8 @@ fn pool_pod(pool: &SandboxPool, c: &Contract, name: &str) -> Pod {
     }
 }
 
-async fn cleanup_pool(pool: &SandboxPool, ctx: &Ctx) -> Result<Action, Error> {
+async fn cleanup_pool(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let (pool, ctx) = (&*pool, &*ctx);
     let (ns, name) = (pool.namespace().unwrap_or_default(), pool.name_any());
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let mut claimed = 0;
@@ -316,20 +339,7 @@ pub async fn reconcile_claim(claim: Arc<SandboxClaim>, ctx: Arc<Ctx>) -> Result<
     if let Some(a) = not_leader(&ctx) {
         return Ok(a);
     }
-    let ns = claim.namespace().unwrap_or_default();
-    let api: Api<SandboxClaim> = Api::namespaced(ctx.client.clone(), &ns);
-    finalizer(&api, CLAIM_FINALIZER, claim, |ev| async {
-        match ev {
-            Finalizer::Apply(c) => apply_claim(&c, &ctx).await,
-            Finalizer::Cleanup(c) => cleanup_claim(&c, &ctx).await,
-        }
-    })
-    .await
-    .map_err(|e| match e {
-        kube::runtime::finalizer::Error::ApplyFailed(e)
-        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
-        other => Error::Finalizer(other.to_string()),
-    })
+    with_finalizer(claim, CLAIM_FINALIZER, ctx, apply_claim, cleanup_claim).await
 }
 
 async fn set_status(
@@ -378,7 +388,8 @@ async fn still_bound_in_api(
     )
 }
 
-async fn apply_claim(claim: &SandboxClaim, ctx: &Ctx) -> Result<Action, Error> {
+async fn apply_claim(claim: Arc<SandboxClaim>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let (claim, ctx) = (&*claim, &*ctx);
     let ns = claim.namespace().unwrap_or_default();
     let uid = claim.uid().unwrap_or_default();
     let status = claim.status.clone().unwrap_or_default();
@@ -511,10 +522,6 @@ async fn apply_claim(claim: &SandboxClaim, ctx: &Ctx) -> Result<Action, Error> {
     Ok(Action::requeue(Duration::from_millis(200)))
 }
 
-fn pointer(key: &str) -> String {
-    key.replace('~', "~0").replace('/', "~1")
-}
-
 /// Claims `pod` for `claim` in one guarded patch.
 async fn bind(
     ctx: &Ctx,
@@ -524,8 +531,8 @@ async fn bind(
     timeout: Option<&str>,
 ) -> Result<(), Error> {
     let c = &ctx.contract;
-    let label = |k: &str| format!("/metadata/labels/{}", pointer(k));
-    let ann = |k: &str| format!("/metadata/annotations/{}", pointer(k));
+    let label = |k: &str| format!("/metadata/labels/{}", crate::idle::json_pointer(k));
+    let ann = |k: &str| format!("/metadata/annotations/{}", crate::idle::json_pointer(k));
     let mut ops = vec![
         json!({"op": "test", "path": label(&c.label_phase), "value": "idle"}),
         json!({"op": "replace", "path": label(&c.label_phase), "value": "running"}),
@@ -566,7 +573,8 @@ async fn bind(
     Ok(())
 }
 
-async fn cleanup_claim(claim: &SandboxClaim, ctx: &Ctx) -> Result<Action, Error> {
+async fn cleanup_claim(claim: Arc<SandboxClaim>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let (claim, ctx) = (&*claim, &*ctx);
     let ns = claim.namespace().unwrap_or_default();
     let status = claim.status.clone().unwrap_or_default();
     ctx.waiting
@@ -582,8 +590,8 @@ async fn cleanup_claim(claim: &SandboxClaim, ctx: &Ctx) -> Result<Action, Error>
     });
     if let (Some(pod), Some(id)) = (pod_name, status.sandbox_id.as_ref()) {
         let c = &ctx.contract;
-        let label = |k: &str| format!("/metadata/labels/{}", pointer(k));
-        let ann = |k: &str| format!("/metadata/annotations/{}", pointer(k));
+        let label = |k: &str| format!("/metadata/labels/{}", crate::idle::json_pointer(k));
+        let ann = |k: &str| format!("/metadata/annotations/{}", crate::idle::json_pointer(k));
         let ops = json!([
             {"op": "test", "path": label(&c.label_phase), "value": "running"},
             {"op": "test", "path": label(&c.label_sandbox_id), "value": id},

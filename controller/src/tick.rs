@@ -255,14 +255,10 @@ fn annotate(ctx: &Context, plans: &[PodPlan]) -> usize {
     n
 }
 
-fn pointer(key: &str) -> String {
-    key.replace('~', "~0").replace('/', "~1")
-}
-
 /// The guarded release patch for one plan.
 pub fn release_patch(c: &Contract, p: &PodPlan, now: SystemTime) -> serde_json::Value {
-    let label = |k: &str| format!("/metadata/labels/{}", pointer(k));
-    let ann = |k: &str| format!("/metadata/annotations/{}", pointer(k));
+    let label = |k: &str| format!("/metadata/labels/{}", crate::idle::json_pointer(k));
+    let ann = |k: &str| format!("/metadata/annotations/{}", crate::idle::json_pointer(k));
     let mut ops = vec![
         json!({"op": "test", "path": label(&c.label_phase), "value": Phase::Running.as_str()}),
         json!({"op": "test", "path": label(&c.label_sandbox_id), "value": p.sandbox_id}),

@@ -25,19 +25,7 @@ use sandgate_shared::{AddressConfig, Contract};
 pub use config::Config;
 pub use sandgate_shared::server::{admin, shutdown};
 
-/// Sets up logging for a binary.
-pub fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        b.json().init();
-    } else {
-        b.init();
-    }
-}
+pub use sandgate_shared::server::init_tracing;
 
 /// Runs the extproc until SIGTERM or Ctrl-C.
 pub async fn run(config: Config) -> anyhow::Result<()> {

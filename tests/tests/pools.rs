@@ -117,6 +117,20 @@ async fn until_claim(
     .await
 }
 
+/// Waits until `name` no longer exists.
+async fn until_gone<K>(api: &Api<K>, name: &str, within: Duration)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    eventually(within, || async {
+        match api.get_opt(name).await.map_err(|e| e.to_string())? {
+            None => Ok(()),
+            Some(_) => Err(format!("{name} still exists")),
+        }
+    })
+    .await
+}
+
 #[tokio::test]
 async fn a_claim_on_a_warm_pool_binds_and_routes() {
     let c = cluster().await;
@@ -181,13 +195,7 @@ async fn claim_traffic_idle_release_then_the_pool_is_whole_again() {
         502
     );
     // The released pod is deleted and the pool is back at full size.
-    eventually(10 * SEC, || async {
-        match c.pods().get_opt(&pod).await.map_err(|e| e.to_string())? {
-            None => Ok(()),
-            Some(_) => Err(format!("{pod} still exists")),
-        }
-    })
-    .await;
+    until_gone(&c.pods(), &pod, 10 * SEC).await;
     until_available(&c, "cycle", 2, 10 * SEC).await;
 }
 
@@ -206,13 +214,7 @@ async fn a_failed_pod_is_replaced() {
         .patch_status(&victim, &PatchParams::default(), &Patch::Merge(&failed))
         .await
         .unwrap();
-    eventually(10 * SEC, || async {
-        match c.pods().get_opt(&victim).await.map_err(|e| e.to_string())? {
-            None => Ok(()),
-            Some(_) => Err(format!("{victim} not replaced yet")),
-        }
-    })
-    .await;
+    until_gone(&c.pods(), &victim, 10 * SEC).await;
     until_available(&c, "fail", 2, 10 * SEC).await;
 }
 
@@ -272,13 +274,7 @@ async fn deleting_a_claim_releases_its_sandbox() {
         }
     })
     .await;
-    eventually(5 * SEC, || async {
-        match claims(&c).get_opt("c1").await.map_err(|e| e.to_string())? {
-            None => Ok(()),
-            Some(_) => Err("claim still there".into()),
-        }
-    })
-    .await;
+    until_gone(&claims(&c), "c1", 5 * SEC).await;
     until_available(&c, "del", 1, 10 * SEC).await;
 }
 
@@ -324,11 +320,5 @@ async fn deleting_a_pool_keeps_claimed_sandboxes_until_released() {
         .delete("c1", &DeleteParams::default())
         .await
         .unwrap();
-    eventually(15 * SEC, || async {
-        match pools(&c).get_opt("gone").await.map_err(|e| e.to_string())? {
-            None => Ok(()),
-            Some(_) => Err("pool still there".into()),
-        }
-    })
-    .await;
+    until_gone(&pools(&c), "gone", 15 * SEC).await;
 }
