@@ -358,6 +358,39 @@ async fn set_status(
     Ok(())
 }
 
+/// Marks a claim Pending with a `Bound=False` condition naming why (written once per reason).
+async fn set_pending(
+    ctx: &Ctx,
+    claim: &SandboxClaim,
+    reason: &str,
+    message: String,
+) -> Result<(), Error> {
+    let current = claim
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.first())
+        .map(|c| c.reason.as_str());
+    if current == Some(reason) {
+        return Ok(());
+    }
+    let cond = k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+        type_: "Bound".into(),
+        status: "False".into(),
+        reason: reason.into(),
+        message,
+        last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            jiff::Timestamp::now(),
+        ),
+        observed_generation: claim.metadata.generation,
+    };
+    let status = SandboxClaimStatus {
+        phase: ClaimPhase::Pending,
+        conditions: vec![cond],
+        ..Default::default()
+    };
+    set_status(ctx, claim, &status).await
+}
+
 /// The claim's bound pod, if it is still running the claim's sandbox.
 fn live_pod(ctx: &Ctx, ns: &str, status: &SandboxClaimStatus) -> Option<Arc<Pod>> {
     let name = status.pod_name.as_deref()?;
@@ -436,6 +469,8 @@ async fn apply_claim(claim: Arc<SandboxClaim>, ctx: Arc<Ctx>) -> Result<Action, 
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(uid.clone());
+        let msg = format!("SandboxPool {} does not exist", claim.spec.pool_name);
+        set_pending(ctx, claim, "PoolNotFound", msg).await?;
         return Ok(Action::requeue(Duration::from_secs(2)));
     };
     let timeout = claim
@@ -480,7 +515,16 @@ async fn apply_claim(claim: Arc<SandboxClaim>, ctx: Arc<Ctx>) -> Result<Action, 
                     url: ctx.domain.as_ref().map(|d| format!("{id}.{d}")),
                     sandbox_id: Some(id),
                     pod_name: Some(pod.name_any()),
-                    conditions: vec![],
+                    conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                        type_: "Bound".into(),
+                        status: "True".into(),
+                        reason: "Bound".into(),
+                        message: format!("bound pod {}", pod.name_any()),
+                        last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                            jiff::Timestamp::now(),
+                        ),
+                        observed_generation: claim.metadata.generation,
+                    }],
                 };
                 set_status(ctx, claim, &bound).await?;
                 let note = format!(
@@ -508,17 +552,11 @@ async fn apply_claim(claim: Arc<SandboxClaim>, ctx: Arc<Ctx>) -> Result<Action, 
     ctx.metrics
         .claims_waiting
         .set(ctx.waiting.lock().unwrap_or_else(|e| e.into_inner()).len() as i64);
-    if status.pod_name.is_none() && claim.status.is_none() {
-        set_status(
-            ctx,
-            claim,
-            &SandboxClaimStatus {
-                phase: ClaimPhase::Pending,
-                ..Default::default()
-            },
-        )
-        .await?;
-    }
+    let msg = format!(
+        "pool {} has no idle, Ready pod; waiting for it to refill",
+        claim.spec.pool_name
+    );
+    set_pending(ctx, claim, "NoIdlePod", msg).await?;
     Ok(Action::requeue(Duration::from_millis(200)))
 }
 

@@ -322,3 +322,34 @@ async fn deleting_a_pool_keeps_claimed_sandboxes_until_released() {
         .unwrap();
     until_gone(&pools(&c), "gone", 15 * SEC).await;
 }
+
+#[tokio::test]
+async fn a_claim_on_an_empty_pool_waits_with_a_reason_then_binds() {
+    let c = cluster().await;
+    create_pool(&c, "empty", 0, "1h").await;
+    claim(&c, "c1", "empty").await;
+    let reason = eventually(5 * SEC, || async {
+        let s = claims(&c)
+            .get("c1")
+            .await
+            .map_err(|e| e.to_string())?
+            .status
+            .unwrap_or_default();
+        match s.conditions.first() {
+            Some(cond) if s.phase == ClaimPhase::Pending => Ok(cond.reason.clone()),
+            _ => Err(format!("{:?} without a condition", s.phase)),
+        }
+    })
+    .await;
+    assert_eq!(reason, "NoIdlePod");
+    scale(&c, "empty", 1).await;
+    until_claim(&c, "c1", ClaimPhase::Bound, 10 * SEC).await;
+    let s = claims(&c).get("c1").await.unwrap().status.unwrap();
+    assert_eq!(
+        (
+            s.conditions[0].reason.as_str(),
+            s.conditions[0].status.as_str()
+        ),
+        ("Bound", "True")
+    );
+}
