@@ -41,17 +41,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let default_timeout =
         idle::parse_idle_timeout(&config.default_idle_timeout).context("--default-idle-timeout")?;
     anyhow::ensure!(!config.interval.is_zero(), "--interval must be above zero");
-    let token = std::fs::read_to_string(&config.control_token_file).with_context(|| {
-        format!(
-            "--control-token-file {}",
-            config.control_token_file.display()
-        )
-    })?;
-    anyhow::ensure!(
-        !token.trim().is_empty(),
-        "--control-token-file {} is empty",
-        config.control_token_file.display()
-    );
+    let token =
+        sandgate_shared::server::read_token(&config.control_token_file, "--control-token-file")?;
     let poller = poller::Poller::new(&token, config.poll_timeout)?;
     let client = kube::Client::try_default()
         .await

@@ -34,17 +34,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if addresses.domains().is_empty() {
         tracing::warn!("no --domain configured: only the header and path forms will route");
     }
-    let token = std::fs::read_to_string(&config.control_token_file).with_context(|| {
-        format!(
-            "--control-token-file {}",
-            config.control_token_file.display()
-        )
-    })?;
-    anyhow::ensure!(
-        !token.trim().is_empty(),
-        "--control-token-file {} is empty",
-        config.control_token_file.display()
-    );
+    let token =
+        sandgate_shared::server::read_token(&config.control_token_file, "--control-token-file")?;
     let client = ::kube::Client::try_default()
         .await
         .context("cannot build a Kubernetes client (in-cluster config or KUBECONFIG)")?;

@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -13,9 +12,9 @@ use serde_json::json;
 use tokio::process::{Child, Command};
 
 use crate::apidouble::ApiDouble;
-use crate::envoy::{Envoy, EnvoyPorts};
+use crate::envoy::Envoy;
 use crate::procs::{bin_path, free_port, get, write_token, Extproc, Reply};
-use crate::stack::{client_for, DOMAIN};
+use crate::stack::client_for;
 
 /// Where the controller looks for replicas.
 pub const CONTROL_NS: &str = "sandgate-system";
@@ -100,22 +99,8 @@ impl Cluster {
 
     /// Starts an Envoy + extproc pair with its ext_proc gRPC on `grpc_port`.
     pub async fn start_gateway(&self, grpc_port: u16) -> Gateway {
-        let extproc = Extproc::spawn(
-            self.dir.path(),
-            &self.kubeconfig,
-            grpc_port,
-            &["--domain", DOMAIN],
-        )
-        .expect("extproc");
-        let ports = EnvoyPorts {
-            listen_addr: "127.0.0.1".into(),
-            listen_port: free_port(),
-            extproc_port: grpc_port,
-            admin_port: free_port(),
-            access_log_flush: "1s".into(),
-        };
-        let envoy = Envoy::start(self.dir.path(), ports).await.expect("envoy");
-        extproc.wait_ready(Duration::from_secs(20)).await;
+        let (extproc, envoy) =
+            crate::stack::start_gateway(self.dir.path(), &self.kubeconfig, grpc_port, &[]).await;
         Gateway { extproc, envoy }
     }
 

@@ -38,20 +38,8 @@ impl Stack {
         let dir = tempfile::tempdir().expect("tempdir");
         let kubeconfig = api.write_kubeconfig(dir.path()).expect("kubeconfig");
         let client = client_for(&kubeconfig).await;
-        let grpc_port = free_port();
-        let mut flags = vec!["--domain", DOMAIN];
-        flags.extend_from_slice(extproc_flags);
-        let extproc =
-            Extproc::spawn(dir.path(), &kubeconfig, grpc_port, &flags).expect("spawn extproc");
-        let ports = EnvoyPorts {
-            listen_addr: "127.0.0.1".into(),
-            listen_port: free_port(),
-            extproc_port: grpc_port,
-            admin_port: free_port(),
-            access_log_flush: "1s".into(),
-        };
-        let envoy = Envoy::start(dir.path(), ports).await.expect("envoy");
-        extproc.wait_ready(Duration::from_secs(20)).await;
+        let (extproc, envoy) =
+            start_gateway(dir.path(), &kubeconfig, free_port(), extproc_flags).await;
         Stack {
             api,
             dir,
@@ -122,6 +110,29 @@ impl Stack {
     pub fn envoy_addr(&self) -> SocketAddr {
         self.envoy.addr()
     }
+}
+
+/// Starts sandgate-extproc (ext_proc gRPC on `grpc_port`, `--domain` DOMAIN plus `extra` flags) and
+/// an Envoy in front of it (access logs flushed every second), and waits until the extproc is ready.
+pub async fn start_gateway(
+    dir: &std::path::Path,
+    kubeconfig: &std::path::Path,
+    grpc_port: u16,
+    extra: &[&str],
+) -> (Extproc, Envoy) {
+    let mut flags = vec!["--domain", DOMAIN];
+    flags.extend_from_slice(extra);
+    let extproc = Extproc::spawn(dir, kubeconfig, grpc_port, &flags).expect("spawn extproc");
+    let ports = EnvoyPorts {
+        listen_addr: "127.0.0.1".into(),
+        listen_port: free_port(),
+        extproc_port: grpc_port,
+        admin_port: free_port(),
+        access_log_flush: "1s".into(),
+    };
+    let envoy = Envoy::start(dir, ports).await.expect("envoy");
+    extproc.wait_ready(Duration::from_secs(20)).await;
+    (extproc, envoy)
 }
 
 /// Creates a contract pod and waits until the kubelet runs it.

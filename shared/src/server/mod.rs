@@ -17,3 +17,13 @@ pub fn init_tracing(format: &str) {
         b.init();
     }
 }
+
+/// Reads a bearer token from a file (a mounted Secret). A missing or empty file is an error that
+/// names `flag`.
+pub fn read_token(path: &std::path::Path, flag: &str) -> anyhow::Result<String> {
+    let token = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("{flag} {}: {e}", path.display()))?;
+    let token = token.trim().to_string();
+    anyhow::ensure!(!token.is_empty(), "{flag} {} is empty", path.display());
+    Ok(token)
+}
