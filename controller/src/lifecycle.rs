@@ -100,7 +100,8 @@ pub struct Ctx {
     /// Claims this process bound, by claim UID → pod name (until the status shows it).
     pub bound: Mutex<HashMap<String, String>>,
     pub waiting: Mutex<HashSet<String>>,
-    pub failures: Mutex<HashMap<String, (u32, Instant)>>,
+    /// Per pool: consecutive failed pods (each counted once, by name), when the last was seen.
+    pub failures: Mutex<HashMap<String, (HashSet<String>, Instant)>>,
     pub domain: Option<String>,
     pub is_leader: Arc<AtomicBool>,
     pub metrics: LifecycleMetrics,
@@ -206,10 +207,25 @@ async fn apply_pool(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, Err
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
 
     for n in &plan.mark_idle {
-        let patch = json!({"metadata": {"labels": {ctx.contract.label_phase.as_str(): Phase::Idle.as_str()}}});
-        pods_api
-            .patch(n, &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
+        // Guarded: the cache may still show `starting` for a pod that is already idle or claimed.
+        let phase = format!(
+            "/metadata/labels/{}",
+            crate::idle::json_pointer(&ctx.contract.label_phase)
+        );
+        let ops = json!([
+            {"op": "test", "path": phase, "value": Phase::Starting.as_str()},
+            {"op": "replace", "path": phase, "value": Phase::Idle.as_str()},
+        ]);
+        let patch: json_patch::Patch =
+            serde_json::from_value(ops).map_err(|e| Error::Finalizer(e.to_string()))?;
+        match pods_api
+            .patch(n, &PatchParams::default(), &Patch::Json::<()>(patch))
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if matches!(e.code, 404 | 409 | 422) => continue,
+            Err(e) => return Err(e.into()),
+        }
         if let Some(v) = views.iter().find(|v| &v.name == n) {
             ctx.metrics.replenish_seconds.observe(
                 SystemTime::now()
@@ -220,20 +236,29 @@ async fn apply_pool(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, Err
         }
     }
     // Failed pods are replaced with exponential backoff.
-    let failed = views
+    let failed_names: Vec<&str> = views
         .iter()
         .filter(|v| v.failed || v.phase == Some(Phase::Failed))
-        .count() as u32;
+        .map(|v| v.name.as_str())
+        .collect();
+    let failed = failed_names.len() as u32;
     let backoff = {
         let mut f = ctx.failures.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = f.entry(key.clone()).or_insert((0, Instant::now()));
-        if failed > 0 {
-            *entry = (entry.0 + failed, Instant::now());
-        } else if !plan.mark_idle.is_empty() {
-            *entry = (0, Instant::now());
+        let entry = f
+            .entry(key.clone())
+            .or_insert_with(|| (HashSet::new(), Instant::now()));
+        let new = failed_names
+            .iter()
+            .filter(|n| entry.0.insert(n.to_string()))
+            .count();
+        if new > 0 {
+            entry.1 = Instant::now();
+        } else if failed == 0 && !plan.mark_idle.is_empty() {
+            entry.0.clear();
         }
-        let wait = Duration::from_secs(1) * 2u32.saturating_pow(entry.0.saturating_sub(1)).min(60);
-        (entry.0 > 1 && entry.1.elapsed() < wait).then(|| wait - entry.1.elapsed())
+        let n = entry.0.len() as u32;
+        let wait = Duration::from_secs(1) * 2u32.saturating_pow(n.saturating_sub(1)).min(60);
+        (n > 1 && entry.1.elapsed() < wait).then(|| wait - entry.1.elapsed())
     };
     if failed > 0 {
         event(
@@ -245,9 +270,21 @@ async fn apply_pool(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, Err
         .await;
     }
     for n in &plan.delete {
-        match pods_api.delete(n, &DeleteParams::default()).await {
+        // Only the pod as the cache saw it: one claimed (or otherwise changed) since is a 409 and stays.
+        let seen_rv = pods
+            .iter()
+            .find(|p| p.metadata.name.as_ref() == Some(n))
+            .and_then(|p| p.metadata.resource_version.clone());
+        let dp = DeleteParams {
+            preconditions: Some(kube::api::Preconditions {
+                resource_version: seen_rv,
+                uid: None,
+            }),
+            ..Default::default()
+        };
+        match pods_api.delete(n, &dp).await {
             Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
             Err(e) => return Err(e.into()),
         }
     }
@@ -311,9 +348,15 @@ async fn cleanup_pool(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, E
         if PodView::of(&p, &ctx.contract).phase == Some(Phase::Running) {
             claimed += 1;
         } else if p.metadata.deletion_timestamp.is_none() {
-            let _ = pods_api
-                .delete(&p.name_any(), &DeleteParams::default())
-                .await;
+            // Only as the cache saw it: a pod claimed meanwhile is a 409 and stays.
+            let dp = DeleteParams {
+                preconditions: Some(kube::api::Preconditions {
+                    resource_version: p.metadata.resource_version.clone(),
+                    uid: None,
+                }),
+                ..Default::default()
+            };
+            let _ = pods_api.delete(&p.name_any(), &dp).await;
         }
     }
     if claimed > 0 {

@@ -131,7 +131,7 @@ pub async fn start_gateway(
         access_log_flush: "1s".into(),
     };
     let envoy = Envoy::start(dir, ports).await.expect("envoy");
-    extproc.wait_ready(Duration::from_secs(20)).await;
+    extproc.wait_ready(Duration::from_secs(40)).await;
     (extproc, envoy)
 }
 

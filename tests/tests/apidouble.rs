@@ -179,3 +179,33 @@ async fn the_kubelet_runs_pods_on_loopback() {
         .unwrap();
     assert_eq!(r.pod().as_deref(), Some("p"));
 }
+
+#[tokio::test]
+async fn delete_with_a_stale_resource_version_is_a_409() {
+    let (_api, _d, pods) = setup().await;
+    let p = pods
+        .create(
+            &PostParams::default(),
+            &sandbox_pod("p", Some("a"), "idle", 8080),
+        )
+        .await
+        .unwrap();
+    let old_rv = p.metadata.resource_version.clone();
+    // Claimed (changed) after the caller looked.
+    let claim = json!({"metadata": {"labels": {"sandgate.dev/phase": "running"}}});
+    pods.patch("p", &PatchParams::default(), &Patch::Merge(&claim))
+        .await
+        .unwrap();
+    let dp = DeleteParams {
+        preconditions: Some(kube::api::Preconditions {
+            resource_version: old_rv,
+            uid: None,
+        }),
+        ..Default::default()
+    };
+    assert_eq!(status_code(pods.delete("p", &dp).await.unwrap_err()), 409);
+    assert!(
+        pods.get_opt("p").await.unwrap().is_some(),
+        "deleted despite the precondition"
+    );
+}

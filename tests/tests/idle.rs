@@ -297,11 +297,16 @@ async fn a_standby_takes_over_when_the_leader_dies() {
         .position(|x| x.identity == leader)
         .unwrap();
     let mut dead = c.controllers.remove(i);
-    assert_eq!(dead.metric("sandgate_controller_leader").await, 1.0);
-    assert_eq!(
-        c.controllers[0].metric("sandgate_controller_leader").await,
-        0.0
-    );
+    eventually(5 * SEC, || async {
+        let l = dead.metric("sandgate_controller_leader").await;
+        let s = c.controllers[0].metric("sandgate_controller_leader").await;
+        if (l, s) == (1.0, 0.0) {
+            Ok(())
+        } else {
+            Err(format!("leader gauge {l}, standby gauge {s}"))
+        }
+    })
+    .await;
     dead.kill().await;
     c.sandbox("pod-idle", "idle").await;
     // Lease duration 3 s, then the idle timeout and a tick.

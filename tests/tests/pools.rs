@@ -135,7 +135,7 @@ where
 async fn a_claim_on_a_warm_pool_binds_and_routes() {
     let c = cluster().await;
     create_pool(&c, "warm", 2, "1h").await;
-    until_available(&c, "warm", 2, 10 * SEC).await;
+    until_available(&c, "warm", 2, 30 * SEC).await;
     claim(&c, "c1", "warm").await;
     let (id, pod) = until_claim(&c, "c1", ClaimPhase::Bound, 5 * SEC).await;
     assert!(id.starts_with("sbx-") && id.len() == 24, "{id}");
@@ -152,7 +152,7 @@ async fn a_claim_on_a_warm_pool_binds_and_routes() {
     assert!(ann.contains_key("sandgate.dev/claimed-at"));
     assert_eq!(ann["sandgate.dev/idle-timeout"], "1h");
     // The pool is replenished at once.
-    until_available(&c, "warm", 2, 10 * SEC).await;
+    until_available(&c, "warm", 2, 30 * SEC).await;
 }
 
 #[tokio::test]
@@ -179,7 +179,7 @@ async fn fifty_concurrent_claims_get_fifty_pods_and_a_fifty_first_waits_for_the_
 async fn claim_traffic_idle_release_then_the_pool_is_whole_again() {
     let c = cluster().await;
     create_pool(&c, "cycle", 2, "3s").await;
-    until_available(&c, "cycle", 2, 10 * SEC).await;
+    until_available(&c, "cycle", 2, 30 * SEC).await;
     claim(&c, "c1", "cycle").await;
     let (id, pod) = until_claim(&c, "c1", ClaimPhase::Bound, 5 * SEC).await;
     for _ in 0..3 {
@@ -196,14 +196,14 @@ async fn claim_traffic_idle_release_then_the_pool_is_whole_again() {
     );
     // The released pod is deleted and the pool is back at full size.
     until_gone(&c.pods(), &pod, 10 * SEC).await;
-    until_available(&c, "cycle", 2, 10 * SEC).await;
+    until_available(&c, "cycle", 2, 30 * SEC).await;
 }
 
 #[tokio::test]
 async fn a_failed_pod_is_replaced() {
     let c = cluster().await;
     create_pool(&c, "fail", 2, "1h").await;
-    until_available(&c, "fail", 2, 10 * SEC).await;
+    until_available(&c, "fail", 2, 30 * SEC).await;
     let victim = phase_pods(&c, "fail", "idle").await[0]
         .metadata
         .name
@@ -215,20 +215,20 @@ async fn a_failed_pod_is_replaced() {
         .await
         .unwrap();
     until_gone(&c.pods(), &victim, 10 * SEC).await;
-    until_available(&c, "fail", 2, 10 * SEC).await;
+    until_available(&c, "fail", 2, 30 * SEC).await;
 }
 
 #[tokio::test]
 async fn scaling_never_removes_a_claimed_pod() {
     let c = cluster().await;
     create_pool(&c, "sc", 1, "1h").await;
-    until_available(&c, "sc", 1, 10 * SEC).await;
+    until_available(&c, "sc", 1, 30 * SEC).await;
     scale(&c, "sc", 3).await;
-    until_available(&c, "sc", 3, 10 * SEC).await;
+    until_available(&c, "sc", 3, 30 * SEC).await;
     claim(&c, "c1", "sc").await;
     let (_, pod) = until_claim(&c, "c1", ClaimPhase::Bound, 5 * SEC).await;
     scale(&c, "sc", 0).await;
-    until_available(&c, "sc", 0, 10 * SEC).await;
+    until_available(&c, "sc", 0, 30 * SEC).await;
     eventually(10 * SEC, || async {
         let n = c
             .pods()
@@ -246,7 +246,7 @@ async fn scaling_never_removes_a_claimed_pod() {
     .await;
     assert_eq!(c.phase(&pod).await, "running");
     scale(&c, "sc", 2).await;
-    until_available(&c, "sc", 2, 10 * SEC).await;
+    until_available(&c, "sc", 2, 30 * SEC).await;
     assert_eq!(c.phase(&pod).await, "running");
 }
 
@@ -254,7 +254,7 @@ async fn scaling_never_removes_a_claimed_pod() {
 async fn deleting_a_claim_releases_its_sandbox() {
     let c = cluster().await;
     create_pool(&c, "del", 1, "1h").await;
-    until_available(&c, "del", 1, 10 * SEC).await;
+    until_available(&c, "del", 1, 30 * SEC).await;
     claim(&c, "c1", "del").await;
     let (id, _) = until_claim(&c, "c1", ClaimPhase::Bound, 5 * SEC).await;
     assert_eq!(
@@ -275,14 +275,14 @@ async fn deleting_a_claim_releases_its_sandbox() {
     })
     .await;
     until_gone(&claims(&c), "c1", 5 * SEC).await;
-    until_available(&c, "del", 1, 10 * SEC).await;
+    until_available(&c, "del", 1, 30 * SEC).await;
 }
 
 #[tokio::test]
 async fn deleting_a_pool_keeps_claimed_sandboxes_until_released() {
     let c = cluster().await;
     create_pool(&c, "gone", 2, "1h").await;
-    until_available(&c, "gone", 2, 10 * SEC).await;
+    until_available(&c, "gone", 2, 30 * SEC).await;
     claim(&c, "c1", "gone").await;
     let (id, pod) = until_claim(&c, "c1", ClaimPhase::Bound, 5 * SEC).await;
     pools(&c)

@@ -180,7 +180,13 @@ pub async fn handle(
                 .and_then(|b| store.patch(&t.resource, &ns, name, kind, &b, t.status))
                 .map(|o| (200, o))
         }
-        (&Method::DELETE, Some(name)) => store.delete(&t.resource, &ns, name).map(|o| (200, o)),
+        (&Method::DELETE, Some(name)) => {
+            let options: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let precondition = options["preconditions"]["resourceVersion"].as_str();
+            store
+                .delete(&t.resource, &ns, name, precondition)
+                .map(|o| (200, o))
+        }
         _ => Err(ApiError::new(
             405,
             "MethodNotAllowed",

@@ -381,7 +381,14 @@ impl Store {
     }
 
     /// Deletes an object; with finalizers it is only marked for deletion.
-    pub fn delete(&self, resource: &str, ns: &str, name: &str) -> Result<Value, ApiError> {
+    /// `precondition`: the resourceVersion the caller saw; any other is a 409, as in the API server.
+    pub fn delete(
+        &self,
+        resource: &str,
+        ns: &str,
+        name: &str,
+        precondition: Option<&str>,
+    ) -> Result<Value, ApiError> {
         let mut inner = self.lock();
         let key = (resource.to_string(), ns.to_string(), name.to_string());
         let cur = inner
@@ -389,6 +396,15 @@ impl Store {
             .get(&key)
             .cloned()
             .ok_or_else(|| ApiError::not_found(resource, name))?;
+        if let Some(rv) = precondition {
+            if cur["metadata"]["resourceVersion"].as_str() != Some(rv) {
+                return Err(ApiError::new(
+                    409,
+                    "Conflict",
+                    format!("Precondition failed: ResourceVersion in precondition: {rv}, in object meta: {}", cur["metadata"]["resourceVersion"]),
+                ));
+            }
+        }
         inner.rv += 1;
         let mut obj = cur.clone();
         obj["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
