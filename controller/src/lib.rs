@@ -86,14 +86,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     Api::all(client.clone()),
                 ),
             };
+        // One watch on pool pods feeds the cache and both controllers. A pod reaches the
+        // controllers only after the cache holds it, so a reconcile never reads a cache older
+        // than the change that triggered it.
         let (reader, writer) = reflector::store();
         let cfg = watcher::Config::default().labels(&contract.label_pool);
-        let stream = reflector::reflector(writer, watcher(pod_api.clone(), cfg))
+        let stream = reflector::reflector(writer, watcher(pod_api, cfg))
             .default_backoff()
             .touched_objects();
+        let (to_pools, pool_triggers) = futures::channel::mpsc::unbounded();
+        let (to_claims, claim_triggers) = futures::channel::mpsc::unbounded();
         tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
-            while stream.next().await.is_some() {}
+            while let Some(ev) = stream.next().await {
+                match ev {
+                    Ok(pod) => {
+                        let _ = to_pools.unbounded_send(pod.clone());
+                        let _ = to_claims.unbounded_send(pod);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "pool pod watch error; retrying"),
+                }
+            }
         });
         let ctx = Arc::new(lifecycle::Ctx {
             client: client.clone(),
@@ -116,7 +129,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         });
         tokio::spawn(async move {
             let _ = reader.wait_until_ready().await;
-            lifecycle::run(ctx, pools, claims, pod_api).await
+            lifecycle::run(ctx, pools, claims, pool_triggers, claim_triggers).await
         });
     }
 

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
@@ -222,7 +222,7 @@ async fn apply_pool(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, Err
             .patch(n, &PatchParams::default(), &Patch::Json::<()>(patch))
             .await
         {
-            Ok(_) => {}
+            Ok(_) => tracing::debug!(pool = %key, pod = %n, "pod ready: starting -> idle"),
             Err(kube::Error::Api(e)) if matches!(e.code, 404 | 409 | 422) => continue,
             Err(e) => return Err(e.into()),
         }
@@ -283,8 +283,10 @@ async fn apply_pool(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, Err
             ..Default::default()
         };
         match pods_api.delete(n, &dp).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+            Ok(_) => tracing::debug!(pool = %key, pod = %n, "pod deleted"),
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {
+                tracing::debug!(pool = %key, pod = %n, code = e.code, "pod delete skipped")
+            }
             Err(e) => return Err(e.into()),
         }
     }
@@ -296,6 +298,7 @@ async fn apply_pool(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, Err
         let pod_name = pod.metadata.name.clone().unwrap_or_default();
         ctx.expectations.expect(&key, &pod_name);
         pods_api.create(&PostParams::default(), &pod).await?;
+        tracing::debug!(pool = %key, pod = %pod_name, "pod created");
     }
     for (phase, n) in &plan.status.replicas {
         ctx.metrics
@@ -306,6 +309,7 @@ async fn apply_pool(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, Err
             })
             .set(i64::from(*n));
     }
+    tracing::debug!(pool = %key, cached = views.len(), expected, create = plan.create, delete = plan.delete.len(), mark_idle = plan.mark_idle.len(), backoff = ?backoff, "pool reconciled");
     let mut status = plan.status;
     status.observed_generation = pool.metadata.generation.unwrap_or(0);
     let api: Api<SandboxPool> = Api::namespaced(ctx.client.clone(), &ns);
@@ -711,15 +715,34 @@ fn error_policy<K>(_obj: Arc<K>, err: &Error, _ctx: Arc<Ctx>) -> Action {
     }
 }
 
-/// Runs both controllers forever.
+/// Logs what a controller stream yields that is not a plain success: watch failures (the
+/// reconciler's own errors are logged by `error_policy`).
+fn log_outcome<K, R, Q>(
+    r: Result<K, kube::runtime::controller::Error<R, Q>>,
+) -> futures::future::Ready<()>
+where
+    R: std::error::Error,
+    Q: std::error::Error,
+{
+    use kube::runtime::controller::Error as E;
+    match r {
+        Err(E::QueueError(e)) => tracing::warn!(error = %e, "watch failed; retrying with backoff"),
+        Err(E::RunnerError(e)) => tracing::warn!(error = %e, "controller runner error"),
+        _ => {}
+    }
+    futures::future::ready(())
+}
+
+/// Runs both controllers forever. `pool_pods` and `claim_pods` carry every pool pod change, each
+/// sent only after `ctx.pods` holds it.
 pub async fn run(
     ctx: Arc<Ctx>,
     pools: Api<SandboxPool>,
     claims: Api<SandboxClaim>,
-    pods: Api<Pod>,
+    pool_pods: impl Stream<Item = Pod> + Send + 'static,
+    claim_pods: impl Stream<Item = Pod> + Send + 'static,
 ) {
     let pool_label = ctx.contract.label_pool.clone();
-    let pods_cfg = watcher::Config::default().labels(&pool_label);
     let to_pool = {
         let l = pool_label.clone();
         move |p: Pod| {
@@ -734,12 +757,12 @@ pub async fn run(
         Some(ObjectRef::<SandboxClaim>::new(name).within(ns))
     };
     let pools_ctl = Controller::new(pools, watcher::Config::default())
-        .watches(pods.clone(), pods_cfg.clone(), to_pool)
+        .watches_stream(pool_pods.map(Ok), to_pool)
         .run(reconcile_pool, error_policy, ctx.clone())
-        .for_each(|_| futures::future::ready(()));
+        .for_each(log_outcome);
     let claims_ctl = Controller::new(claims, watcher::Config::default())
-        .watches(pods, pods_cfg, to_claim)
+        .watches_stream(claim_pods.map(Ok), to_claim)
         .run(reconcile_claim, error_policy, ctx)
-        .for_each(|_| futures::future::ready(()));
+        .for_each(log_outcome);
     tokio::join!(pools_ctl, claims_ctl);
 }

@@ -207,6 +207,46 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Prints what the API double holds and the last requests it served.
+    fn dump_api(&self) {
+        let all = crate::apidouble::selector::Selector::default();
+        for resource in [
+            "sandgate.dev/sandboxpools",
+            "sandgate.dev/sandboxclaims",
+            "pods",
+        ] {
+            eprintln!("----- API double: {resource} -----");
+            for o in self.api.store.list(resource, None, &all).0 {
+                let m = &o["metadata"];
+                eprintln!(
+                    "{}/{} rv={} labels={} finalizers={} deleting={} status={}",
+                    m["namespace"].as_str().unwrap_or_default(),
+                    m["name"].as_str().unwrap_or_default(),
+                    m["resourceVersion"],
+                    m["labels"],
+                    m["finalizers"],
+                    m["deletionTimestamp"].is_string(),
+                    o["status"],
+                );
+            }
+        }
+        // Reads of one object are mostly the test's own polling: leave them out.
+        let requests: Vec<String> = self
+            .api
+            .hooks
+            .recent_requests()
+            .into_iter()
+            .filter(|r| !(r.contains(" GET ") && !r.contains('?')))
+            .filter(|r| !r.contains("phase%3Didle"))
+            .collect();
+        eprintln!("----- API double: last {} requests -----", requests.len());
+        for r in &requests[requests.len().saturating_sub(300)..] {
+            eprintln!("{r}");
+        }
+    }
+}
+
 fn log_file(dir: &Path, name: &str) -> std::fs::File {
     std::fs::OpenOptions::new()
         .create(true)
@@ -220,6 +260,7 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
             crate::procs::dump_logs(self.dir.path());
+            self.dump_api();
         }
     }
 }

@@ -36,8 +36,38 @@ pub fn bin_path(name: &str) -> PathBuf {
     p
 }
 
-/// A port that was free a moment ago.
+/// A free port on 127.0.0.1, held for this test process.
+///
+/// Tests run as parallel processes, and a port is only reserved once its owner binds it. Two
+/// things could take it in that gap: another test process, and any outgoing connection (which
+/// takes ports from the kernel's ephemeral range). So ports come from below the ephemeral range,
+/// and each is claimed with a file lock that other test processes respect and that the kernel
+/// drops when this process exits.
 pub fn free_port() -> u16 {
+    static HELD: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(0);
+    let dir = std::env::temp_dir().join("sandgate-test-ports");
+    if low > 12_000 && std::fs::create_dir_all(&dir).is_ok() {
+        let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+        for _ in 0..1000 {
+            let port = rand::random_range(10_000..low);
+            let Ok(lock) = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(dir.join(port.to_string()))
+            else {
+                continue;
+            };
+            if lock.try_lock().is_ok() && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                held.push(lock);
+                return port;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -43,19 +43,37 @@ pub async fn run(store: Arc<Store>, net: u8) {
         {
             continue;
         }
-        next += 1;
-        // Skip .0 and .255 in the last octet.
-        let n = next + 2 * (next / 254) + 1;
-        let ip = Ipv4Addr::new(127, net, (n >> 8) as u8, (n & 0xff) as u8);
-        let mut handles = Vec::new();
-        for port in container_ports(&change.object) {
-            match echo::bind(ip, port, name.clone()).await {
-                Ok(h) => handles.push(h),
-                Err(e) => {
-                    tracing::warn!(%ip, port, error = %e, "kubelet: cannot start echo server")
+        // The first address where every container port binds: another test process may use
+        // the same /16 at the same time.
+        let ports = container_ports(&change.object);
+        let mut attempts = 0;
+        let (ip, handles) = loop {
+            attempts += 1;
+            next += 1;
+            // Skip .0 and .255 in the last octet.
+            let n = next + 2 * (next / 254) + 1;
+            let ip = Ipv4Addr::new(127, net, (n >> 8) as u8, (n & 0xff) as u8);
+            let mut handles = Vec::new();
+            for &port in &ports {
+                match echo::bind(ip, port, name.clone()).await {
+                    Ok(h) => handles.push(h),
+                    Err(e) => {
+                        tracing::debug!(%ip, port, error = %e, "kubelet: address taken; next one");
+                        break;
+                    }
                 }
             }
-        }
+            if handles.len() == ports.len() {
+                break (ip, handles);
+            }
+            if attempts == 64 {
+                tracing::warn!(pod = %name, ?ports, "kubelet: cannot bind the pod's ports; it runs without servers");
+                break (ip, handles);
+            }
+            for h in handles {
+                h.abort();
+            }
+        };
         servers.insert(key, handles);
         let status = json!({"status": {
             "phase": "Running",

@@ -30,7 +30,12 @@ pub struct Hooks {
     before_json_patch: Mutex<Option<BeforePatch>>,
     /// Required bearer token, if any.
     pub token: Option<String>,
+    /// The last requests served, oldest first, for a failing test to print.
+    requests: Mutex<std::collections::VecDeque<String>>,
 }
+
+/// How many requests [`Hooks::recent_requests`] keeps.
+const REQUEST_LOG_LEN: usize = 4000;
 
 /// A one-shot action on the store.
 pub type BeforePatch = Box<dyn FnOnce(&Store) + Send>;
@@ -41,6 +46,20 @@ impl Hooks {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take()
+    }
+
+    /// The last requests served (method, path and query, status), oldest first.
+    pub fn recent_requests(&self) -> Vec<String> {
+        let log = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        log.iter().cloned().collect()
+    }
+
+    fn record(&self, line: String) {
+        let mut log = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        if log.len() == REQUEST_LOG_LEN {
+            log.pop_front();
+        }
+        log.push_back(line);
     }
 
     pub fn list_delay(&self) -> Option<Duration> {
@@ -79,8 +98,25 @@ impl ApiDouble {
                     };
                     let (store, hooks) = (store.clone(), hooks.clone());
                     tokio::spawn(async move {
-                        let svc =
-                            service_fn(move |req| http::handle(store.clone(), hooks.clone(), req));
+                        let svc = service_fn(move |req: hyper::Request<_>| {
+                            let (store, hooks) = (store.clone(), hooks.clone());
+                            async move {
+                                let now = std::time::SystemTime::now()
+                                    .duration_since(std::time::UNIX_EPOCH)
+                                    .unwrap_or_default();
+                                let line = format!(
+                                    "{:.3} {} {}",
+                                    now.as_secs_f64() % 1000.0,
+                                    req.method(),
+                                    req.uri()
+                                );
+                                let resp = http::handle(store, hooks.clone(), req).await;
+                                if let Ok(r) = &resp {
+                                    hooks.record(format!("{line} -> {}", r.status().as_u16()));
+                                }
+                                resp
+                            }
+                        });
                         let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                             .serve_connection(TokioIo::new(stream), svc)
                             .await;
