@@ -237,7 +237,7 @@ impl Cluster {
             .hooks
             .recent_requests()
             .into_iter()
-            .filter(|r| !(r.contains(" GET ") && !r.contains('?')))
+            .filter(|r| !r.contains(" GET ") || r.contains('?'))
             .filter(|r| !r.contains("phase%3Didle"))
             .collect();
         eprintln!("----- API double: last {} requests -----", requests.len());
