@@ -280,10 +280,15 @@ fn watch(
             (items.iter().map(|o| line("ADDED", o)).collect(), rv)
         }
     };
+    // A bookmark promises every change up to its version was sent, so it carries the last
+    // version this stream has passed, not the store's newest.
+    let passed = Arc::new(std::sync::atomic::AtomicU64::new(last_rv));
+    let passed_live = passed.clone();
     let live = BroadcastStream::new(live).filter_map(move |c| {
         let out = match c {
             Ok(c) if c.rv > last_rv => {
                 last_rv = c.rv;
+                passed_live.store(c.rv, std::sync::atomic::Ordering::Relaxed);
                 visible(&c, &resource, ns.as_deref(), &sel).map(|(k, o)| line(k.as_str(), &o))
             }
             _ => None,
@@ -293,7 +298,7 @@ fn watch(
     let ticks = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(Duration::from_secs(1)))
         .filter_map(move |_| {
             let out = bookmarks.then(|| {
-                line("BOOKMARK", &json!({"kind": kind, "apiVersion": api_version, "metadata": {"resourceVersion": store.current_rv().to_string()}}))
+                line("BOOKMARK", &json!({"kind": kind, "apiVersion": api_version, "metadata": {"resourceVersion": passed.load(std::sync::atomic::Ordering::Relaxed).to_string()}}))
             });
             futures::future::ready(out)
         });
