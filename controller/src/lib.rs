@@ -176,6 +176,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         write_concurrency: config.write_concurrency as usize,
         limiter,
         writer,
+        seen: Default::default(),
     };
     tracing::info!(interval = ?config.interval, identity = %config.identity, leader_election = config.leader_election, "sandgate-controller starting");
 

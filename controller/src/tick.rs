@@ -54,6 +54,10 @@ pub struct Context {
     pub write_concurrency: usize,
     pub limiter: Arc<RateLimiter>,
     pub writer: Arc<AnnotationWriter>,
+    /// The last-active this controller has seen for each running sandbox, kept between ticks. A
+    /// replica that restarts forgets activity its last-active annotation has not caught up with
+    /// yet (up to a refresh interval); the controller still knows it.
+    pub seen: std::sync::Mutex<std::collections::HashMap<String, SystemTime>>,
 }
 
 /// The decision for one running sandbox pod.
@@ -169,21 +173,35 @@ async fn run_tick(ctx: &Context) -> TickReport {
     record_poll(ctx, &poll, addrs.is_empty());
 
     let now = SystemTime::now();
-    let plans: Vec<PodPlan> = ctx
-        .pods
-        .iter()
-        .flat_map(|s| s.state())
-        .filter_map(|p| {
-            plan_pod(
-                &p,
-                &ctx.contract,
-                poll.activity.get(sandbox_id(&p, &ctx.contract)),
-                ctx.default_timeout,
-                ctx.refresh,
-                now,
-            )
-        })
-        .collect();
+    let plans: Vec<PodPlan> = {
+        let mut seen = ctx.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut remembered = std::collections::HashMap::new();
+        let plans: Vec<PodPlan> = ctx
+            .pods
+            .iter()
+            .flat_map(|s| s.state())
+            .filter_map(|p| {
+                let id = sandbox_id(&p, &ctx.contract);
+                let mut reports = poll.activity.get(id).cloned().unwrap_or_default();
+                reports.extend(seen.get(id).copied());
+                let plan = plan_pod(
+                    &p,
+                    &ctx.contract,
+                    Some(&reports),
+                    ctx.default_timeout,
+                    ctx.refresh,
+                    now,
+                )?;
+                if let Some(&t) = reports.iter().max() {
+                    remembered.insert(plan.sandbox_id.clone(), t);
+                }
+                Some(plan)
+            })
+            .collect();
+        // Only running sandboxes stay remembered.
+        *seen = remembered;
+        plans
+    };
     ctx.metrics.sandboxes_tracked.set(plans.len() as i64);
     let next = plans
         .iter()

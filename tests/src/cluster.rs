@@ -1,4 +1,5 @@
-//! A control-plane test bed on loopback: the API double, several gateways (each a real Envoy with
+//! A control-plane test bed on loopback: the API (the double, or a cluster: see
+//! [`crate::target`]), several gateways (each a real Envoy with
 //! its own sandgate-extproc, registered in the extproc control Service's EndpointSlices) and
 //! sandgate-controller processes.
 
@@ -11,13 +12,11 @@ use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
 use tokio::process::{Child, Command};
 
-use crate::apidouble::ApiDouble;
 use crate::envoy::Envoy;
 use crate::procs::{bin_path, free_port, get, write_token, Extproc, Reply};
-use crate::stack::client_for;
+use crate::target::Target;
 
-/// Where the controller looks for replicas.
-pub const CONTROL_NS: &str = "sandgate-system";
+/// The extproc control Service whose EndpointSlices (in the test's namespace) list the replicas.
 pub const CONTROL_SERVICE: &str = "sandgate-extproc-control";
 
 /// One Envoy + sandgate-extproc pair.
@@ -64,8 +63,10 @@ pub fn metric_value(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Everything lives in the target's namespace: pods, pools, claims, the replicas' EndpointSlices,
+/// the leader Lease and Events.
 pub struct Cluster {
-    pub api: ApiDouble,
+    pub target: Target,
     pub dir: tempfile::TempDir,
     pub kubeconfig: PathBuf,
     pub client: kube::Client,
@@ -76,12 +77,11 @@ pub struct Cluster {
 impl Cluster {
     /// Starts the double and `gateways` gateways, registered and ready (no controller yet).
     pub async fn start(gateways: usize) -> Cluster {
-        let api = ApiDouble::start().await.expect("api double");
         let dir = tempfile::tempdir().expect("tempdir");
-        let kubeconfig = api.write_kubeconfig(dir.path()).expect("kubeconfig");
-        let client = client_for(&kubeconfig).await;
+        let target = Target::start(dir.path()).await;
+        let (kubeconfig, client) = (target.kubeconfig.clone(), target.client.clone());
         let mut c = Cluster {
-            api,
+            target,
             dir,
             kubeconfig,
             client,
@@ -99,8 +99,14 @@ impl Cluster {
 
     /// Starts an Envoy + extproc pair with its ext_proc gRPC on `grpc_port`.
     pub async fn start_gateway(&self, grpc_port: u16) -> Gateway {
-        let (extproc, envoy) =
-            crate::stack::start_gateway(self.dir.path(), &self.kubeconfig, grpc_port, &[]).await;
+        let (extproc, envoy) = crate::stack::start_gateway(
+            self.dir.path(),
+            &self.kubeconfig,
+            self.ns(),
+            grpc_port,
+            &[],
+        )
+        .await;
         Gateway { extproc, envoy }
     }
 
@@ -108,7 +114,7 @@ impl Cluster {
     pub async fn register_replica(&self, name: &str, port: u16) {
         let slice: EndpointSlice = serde_json::from_value(json!({
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": name, "namespace": CONTROL_NS, "labels": {"kubernetes.io/service-name": CONTROL_SERVICE}},
+            "metadata": {"name": name, "labels": {"kubernetes.io/service-name": CONTROL_SERVICE}},
             "addressType": "IPv4",
             "ports": [{"name": "control", "port": port, "protocol": "TCP"}],
             "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": true}}],
@@ -128,11 +134,16 @@ impl Cluster {
     }
 
     fn slices(&self) -> Api<EndpointSlice> {
-        Api::namespaced(self.client.clone(), CONTROL_NS)
+        self.target.api()
     }
 
     pub fn pods(&self) -> Api<Pod> {
-        Api::namespaced(self.client.clone(), "default")
+        self.target.api()
+    }
+
+    /// This test's namespace.
+    pub fn ns(&self) -> &str {
+        &self.target.namespace
     }
 
     /// Starts a controller with short test timings plus `extra` flags.
@@ -146,16 +157,16 @@ impl Cluster {
             // Defaults through the environment, so `extra` flags can override them.
             .env("SANDGATE_INTERVAL", "1s")
             .env("SANDGATE_DEFAULT_IDLE_TIMEOUT", "3s")
-            .args(["--namespace", "default"])
+            .args(["--namespace", self.ns()])
             .args([
                 "--extproc-namespace",
-                CONTROL_NS,
+                self.ns(),
                 "--extproc-service",
                 CONTROL_SERVICE,
             ])
             .args([
                 "--lease-namespace",
-                CONTROL_NS,
+                self.ns(),
                 "--lease-duration",
                 "3s",
                 "--poll-timeout",
@@ -207,46 +218,6 @@ impl Cluster {
     }
 }
 
-impl Cluster {
-    /// Prints what the API double holds and the last requests it served.
-    fn dump_api(&self) {
-        let all = crate::apidouble::selector::Selector::default();
-        for resource in [
-            "sandgate.dev/sandboxpools",
-            "sandgate.dev/sandboxclaims",
-            "pods",
-        ] {
-            eprintln!("----- API double: {resource} -----");
-            for o in self.api.store.list(resource, None, &all).0 {
-                let m = &o["metadata"];
-                eprintln!(
-                    "{}/{} rv={} labels={} finalizers={} deleting={} status={}",
-                    m["namespace"].as_str().unwrap_or_default(),
-                    m["name"].as_str().unwrap_or_default(),
-                    m["resourceVersion"],
-                    m["labels"],
-                    m["finalizers"],
-                    m["deletionTimestamp"].is_string(),
-                    o["status"],
-                );
-            }
-        }
-        // Reads of one object are mostly the test's own polling: leave them out.
-        let requests: Vec<String> = self
-            .api
-            .hooks
-            .recent_requests()
-            .into_iter()
-            .filter(|r| !r.contains(" GET ") || r.contains('?'))
-            .filter(|r| !r.contains("phase%3Didle"))
-            .collect();
-        eprintln!("----- API double: last {} requests -----", requests.len());
-        for r in &requests[requests.len().saturating_sub(300)..] {
-            eprintln!("{r}");
-        }
-    }
-}
-
 fn log_file(dir: &Path, name: &str) -> std::fs::File {
     std::fs::OpenOptions::new()
         .create(true)
@@ -260,7 +231,7 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
             crate::procs::dump_logs(self.dir.path());
-            self.dump_api();
+            self.target.dump();
         }
     }
 }

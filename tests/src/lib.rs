@@ -11,3 +11,4 @@ pub mod echo;
 pub mod envoy;
 pub mod procs;
 pub mod stack;
+pub mod target;

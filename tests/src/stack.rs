@@ -1,4 +1,5 @@
-//! A whole data plane on loopback: the API double, sandgate-extproc and a real Envoy.
+//! A whole data plane on loopback: the API (the double, or a cluster: see [`crate::target`]),
+//! sandgate-extproc and a real Envoy.
 //!
 //! Scenarios talk to the cluster only through `kube::Client` and a kubeconfig, as they would to a
 //! real cluster; only the double itself is test code.
@@ -11,15 +12,15 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
-use crate::apidouble::ApiDouble;
 use crate::envoy::{Envoy, EnvoyPorts};
 use crate::procs::{eventually, free_port, get, Extproc, Reply};
+use crate::target::Target;
 
 /// The domain the test stacks route.
 pub const DOMAIN: &str = "sandbox.localhost";
 
 pub struct Stack {
-    pub api: ApiDouble,
+    pub target: Target,
     pub dir: tempfile::TempDir,
     pub kubeconfig: PathBuf,
     pub client: kube::Client,
@@ -34,14 +35,19 @@ impl Stack {
     }
 
     pub async fn start_with(extproc_flags: &[&str]) -> Stack {
-        let api = ApiDouble::start().await.expect("api double");
         let dir = tempfile::tempdir().expect("tempdir");
-        let kubeconfig = api.write_kubeconfig(dir.path()).expect("kubeconfig");
-        let client = client_for(&kubeconfig).await;
-        let (extproc, envoy) =
-            start_gateway(dir.path(), &kubeconfig, free_port(), extproc_flags).await;
+        let target = Target::start(dir.path()).await;
+        let (kubeconfig, client) = (target.kubeconfig.clone(), target.client.clone());
+        let (extproc, envoy) = start_gateway(
+            dir.path(),
+            &kubeconfig,
+            &target.namespace,
+            free_port(),
+            extproc_flags,
+        )
+        .await;
         Stack {
-            api,
+            target,
             dir,
             kubeconfig,
             client,
@@ -51,7 +57,7 @@ impl Stack {
     }
 
     pub fn pods(&self) -> Api<Pod> {
-        Api::namespaced(self.client.clone(), "default")
+        self.target.api()
     }
 
     /// Creates a claimed sandbox pod and waits until the kubelet runs it.
@@ -112,15 +118,27 @@ impl Stack {
     }
 }
 
-/// Starts sandgate-extproc (ext_proc gRPC on `grpc_port`, `--domain` DOMAIN plus `extra` flags) and
-/// an Envoy in front of it (access logs flushed every second), and waits until the extproc is ready.
+impl Drop for Stack {
+    /// On a failing test, show the process logs and the API's state: the temp dir goes with us.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            crate::procs::dump_logs(self.dir.path());
+            self.target.dump();
+        }
+    }
+}
+
+/// Starts sandgate-extproc (ext_proc gRPC on `grpc_port`, `--domain` DOMAIN, watching `namespace`,
+/// plus `extra` flags) and an Envoy in front of it (access logs flushed every second), and waits
+/// until the extproc is ready.
 pub async fn start_gateway(
     dir: &std::path::Path,
     kubeconfig: &std::path::Path,
+    namespace: &str,
     grpc_port: u16,
     extra: &[&str],
 ) -> (Extproc, Envoy) {
-    let mut flags = vec!["--domain", DOMAIN];
+    let mut flags = vec!["--domain", DOMAIN, "--namespace", namespace];
     flags.extend_from_slice(extra);
     let extproc = Extproc::spawn(dir, kubeconfig, grpc_port, &flags).expect("spawn extproc");
     let ports = EnvoyPorts {
@@ -168,7 +186,8 @@ pub async fn client_for(kubeconfig: &std::path::Path) -> kube::Client {
     kube::Client::try_from(cfg).expect("client")
 }
 
-/// A pool pod in the contract's shape, serving `port`.
+/// A pool pod in the contract's shape, serving `port` (its namespace is the API's it is created
+/// through).
 pub fn sandbox_pod(name: &str, id: Option<&str>, phase: &str, port: u16) -> Pod {
     let mut labels = json!({"sandgate.dev/pool": "demo", "sandgate.dev/phase": phase});
     if let Some(id) = id {
@@ -177,10 +196,9 @@ pub fn sandbox_pod(name: &str, id: Option<&str>, phase: &str, port: u16) -> Pod 
     serde_json::from_value(json!({
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": name, "namespace": "default", "labels": labels,
+        "metadata": {"name": name, "labels": labels,
                      "annotations": {"sandgate.dev/port": port.to_string()}},
-        "spec": {"containers": [{"name": "sandbox", "image": "sandgate/echo:test",
-                                 "ports": [{"containerPort": port}]}]},
+        "spec": {"containers": [crate::target::echo_container(&[port])]},
     }))
     .expect("pod fixture")
 }

@@ -209,3 +209,34 @@ async fn delete_with_a_stale_resource_version_is_a_409() {
         "deleted despite the precondition"
     );
 }
+
+#[tokio::test]
+async fn deleting_a_namespace_deletes_what_is_in_it() {
+    let (api, _d, default_pods) = setup().await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = client_for(&api.write_kubeconfig(dir.path()).unwrap()).await;
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let ns = serde_json::from_value(json!({"metadata": {"name": "doomed"}})).unwrap();
+    namespaces
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    let doomed: Api<Pod> = Api::namespaced(client, "doomed");
+    for pods in [&doomed, &default_pods] {
+        pods.create(
+            &PostParams::default(),
+            &sandbox_pod("p", Some("a"), "running", 8080),
+        )
+        .await
+        .unwrap();
+    }
+    namespaces
+        .delete("doomed", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert_eq!(status_code(doomed.get("p").await.unwrap_err()), 404);
+    assert!(
+        default_pods.get("p").await.is_ok(),
+        "a pod in another namespace went too"
+    );
+}

@@ -62,12 +62,10 @@ async fn reports_full_then_only_changes() {
     s.sandbox("pod-a", "sbx-a", 8080).await;
     s.sandbox("pod-b", "sbx-b", 8080).await;
     for id in ["sbx-a", "sbx-b"] {
-        assert_eq!(
-            s.get(&format!("8080-{id}.sandbox.localhost"), "/", &[])
-                .await
-                .status,
-            200
-        );
+        let r = s
+            .get(&format!("8080-{id}.sandbox.localhost"), "/", &[])
+            .await;
+        assert_eq!(r.status, 200, "{id}: {}", r.body);
     }
     let mut c = client(&s).await;
     let full = c

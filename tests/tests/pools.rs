@@ -10,6 +10,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use sandgate_controller::crd::{ClaimPhase, SandboxClaim, SandboxPool};
 use sandgate_tests::cluster::Cluster;
 use sandgate_tests::procs::eventually;
+use sandgate_tests::target::echo_container;
 use serde_json::json;
 
 const SEC: Duration = Duration::from_secs(1);
@@ -29,18 +30,18 @@ async fn cluster() -> Cluster {
 }
 
 fn pools(c: &Cluster) -> Api<SandboxPool> {
-    Api::namespaced(c.client.clone(), "default")
+    c.target.api()
 }
 fn claims(c: &Cluster) -> Api<SandboxClaim> {
-    Api::namespaced(c.client.clone(), "default")
+    c.target.api()
 }
 
 async fn create_pool(c: &Cluster, name: &str, replicas: i32, idle_timeout: &str) {
     let pool: SandboxPool = serde_json::from_value(json!({
         "apiVersion": "sandgate.dev/v1alpha1", "kind": "SandboxPool",
-        "metadata": {"name": name, "namespace": "default"},
+        "metadata": {"name": name},
         "spec": {"replicas": replicas, "port": 8080, "defaultIdleTimeout": idle_timeout,
-                 "template": {"spec": {"containers": [{"name": "sandbox", "image": "sandgate/echo:test", "ports": [{"containerPort": 8080}]}]}}},
+                 "template": {"spec": {"containers": [echo_container(&[8080])]}}},
     }))
     .unwrap();
     pools(c)
@@ -88,7 +89,7 @@ async fn phase_pods(c: &Cluster, pool: &str, phase: &str) -> Vec<Pod> {
 async fn claim(c: &Cluster, name: &str, pool: &str) {
     let cl: SandboxClaim = serde_json::from_value(json!({
         "apiVersion": "sandgate.dev/v1alpha1", "kind": "SandboxClaim",
-        "metadata": {"name": name, "namespace": "default"},
+        "metadata": {"name": name},
         "spec": {"poolName": pool},
     }))
     .unwrap();

@@ -284,17 +284,21 @@ fn watch(
     // version this stream has passed, not the store's newest.
     let passed = Arc::new(std::sync::atomic::AtomicU64::new(last_rv));
     let passed_live = passed.clone();
-    let live = BroadcastStream::new(live).filter_map(move |c| {
-        let out = match c {
-            Ok(c) if c.rv > last_rv => {
-                last_rv = c.rv;
-                passed_live.store(c.rv, std::sync::atomic::Ordering::Relaxed);
-                visible(&c, &resource, ns.as_deref(), &sel).map(|(k, o)| line(k.as_str(), &o))
-            }
-            _ => None,
-        };
-        futures::future::ready(out)
-    });
+    // A watcher that falls behind the change feed is closed, as the API server closes a slow
+    // watch: the client watches again from the last version it saw and misses nothing.
+    let live = BroadcastStream::new(live)
+        .take_while(|c| futures::future::ready(c.is_ok()))
+        .filter_map(move |c| {
+            let out = match c {
+                Ok(c) if c.rv > last_rv => {
+                    last_rv = c.rv;
+                    passed_live.store(c.rv, std::sync::atomic::Ordering::Relaxed);
+                    visible(&c, &resource, ns.as_deref(), &sel).map(|(k, o)| line(k.as_str(), &o))
+                }
+                _ => None,
+            };
+            futures::future::ready(out)
+        });
     let ticks = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(Duration::from_secs(1)))
         .filter_map(move |_| {
             let out = bookmarks.then(|| {
@@ -302,8 +306,13 @@ fn watch(
             });
             futures::future::ready(out)
         });
+    // Bookmarks stop with the live feed.
+    let live = live.map(Some).chain(futures::stream::once(async { None }));
+    let merged = futures::stream::select(live, ticks.map(Some))
+        .take_while(|f| futures::future::ready(f.is_some()))
+        .filter_map(futures::future::ready);
     let events = futures::stream::iter(initial)
-        .chain(futures::stream::select(live, ticks))
+        .chain(merged)
         .take_until(tokio::time::sleep(timeout));
     streamed(events.boxed())
 }
@@ -331,6 +340,7 @@ const RESOURCES: &[(&str, &str, &[Resource])] = &[
             ("pods", "Pod", "po"),
             ("events", "Event", "ev"),
             ("services", "Service", "svc"),
+            ("namespaces", "Namespace", "ns"),
         ],
     ),
     ("coordination.k8s.io", "v1", &[("leases", "Lease", "")]),
@@ -391,8 +401,8 @@ fn discovery(path: &str) -> Option<Value> {
                 } else {
                     vec![short]
                 };
-                resources.push(json!({"name": plural, "singularName": singular, "namespaced": true, "kind": kind, "verbs": verbs, "shortNames": shorts}));
-                resources.push(json!({"name": format!("{plural}/status"), "singularName": "", "namespaced": true, "kind": kind, "verbs": ["get", "patch", "update"]}));
+                resources.push(json!({"name": plural, "singularName": singular, "namespaced": *plural != "namespaces", "kind": kind, "verbs": verbs, "shortNames": shorts}));
+                resources.push(json!({"name": format!("{plural}/status"), "singularName": "", "namespaced": *plural != "namespaces", "kind": kind, "verbs": ["get", "patch", "update"]}));
             }
             Some(
                 json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv(g, v), "resources": resources}),

@@ -16,15 +16,39 @@ pub async fn run(store: Arc<Store>, net: u8) {
     let mut changes = store.subscribe();
     let mut next: u32 = 0;
     let mut servers: HashMap<(String, String), Vec<JoinHandle<()>>> = HashMap::new();
+    // Changes to act on: the feed, or after falling behind it, the pods as they are now.
+    let mut backlog: std::collections::VecDeque<(EventType, String, Value)> = Default::default();
     loop {
-        let change = match changes.recv().await {
-            Ok(c) => c,
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-            Err(_) => return,
+        let (kind, namespace, object) = match backlog.pop_front() {
+            Some(c) => c,
+            None => match changes.recv().await {
+                Ok(c) if c.resource == "pods" => (c.kind, c.namespace.clone(), c.object.clone()),
+                Ok(_) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    let (pods, _) = store.list("pods", None, &Default::default());
+                    let live: std::collections::HashSet<(String, String)> =
+                        pods.iter().map(pod_key).collect();
+                    servers.retain(|k, hs| {
+                        let keep = live.contains(k);
+                        if !keep {
+                            hs.iter().for_each(JoinHandle::abort);
+                        }
+                        keep
+                    });
+                    backlog.extend(pods.into_iter().map(|p| {
+                        let ns = pod_key(&p).0;
+                        (EventType::Added, ns, p)
+                    }));
+                    continue;
+                }
+                Err(_) => return,
+            },
         };
-        if change.resource != "pods" {
-            continue;
-        }
+        let change = PodChange {
+            kind,
+            namespace,
+            object,
+        };
         let name = change.object["metadata"]["name"]
             .as_str()
             .unwrap_or_default()
@@ -95,6 +119,19 @@ pub async fn run(store: Arc<Store>, net: u8) {
             tracing::warn!(pod = %name, error = ?e, "kubelet: status update failed");
         }
     }
+}
+
+/// One change the kubelet acts on.
+struct PodChange {
+    kind: EventType,
+    namespace: String,
+    object: Value,
+}
+
+fn pod_key(pod: &Value) -> (String, String) {
+    let m = &pod["metadata"];
+    let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    (s(&m["namespace"]), s(&m["name"]))
 }
 
 fn container_ports(pod: &Value) -> Vec<u16> {

@@ -435,6 +435,19 @@ impl Store {
             obj.clone(),
             Some(cur),
         );
+        if resource == "namespaces" {
+            // What lives in a deleted namespace goes too (objects with finalizers wait for them).
+            let inside: Vec<(String, String, String)> = inner
+                .objects
+                .keys()
+                .filter(|(_, n, _)| n == name)
+                .cloned()
+                .collect();
+            drop(inner);
+            for (r, n, o) in inside {
+                let _ = self.delete(&r, &n, &o, None);
+            }
+        }
         Ok(obj)
     }
 

@@ -161,6 +161,7 @@ async fn tick_bench() -> anyhow::Result<(f64, f64, f64)> {
         write_concurrency: 16,
         limiter,
         writer: writer.clone(),
+        seen: Default::default(),
     };
     let mut durations = Vec::new();
     let mut writes_at = Vec::new();
