@@ -312,6 +312,18 @@ async fn apply_pool(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, Err
     tracing::debug!(pool = %key, cached = views.len(), expected, create = plan.create, delete = plan.delete.len(), mark_idle = plan.mark_idle.len(), backoff = ?backoff, "pool reconciled");
     let mut status = plan.status;
     status.observed_generation = pool.metadata.generation.unwrap_or(0);
+    let previous = pool
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
+    status.conditions = vec![crate::pool::ready_condition(
+        &status,
+        pool.spec.replicas,
+        backoff.is_some(),
+        previous,
+        pool.metadata.generation,
+        jiff::Timestamp::now(),
+    )];
     let api: Api<SandboxPool> = Api::namespaced(ctx.client.clone(), &ns);
     api.patch_status(
         &name,

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use sandgate_shared::{Contract, Phase};
 
 use crate::crd::SandboxPoolStatus;
@@ -153,6 +154,39 @@ impl Expectations {
 
 pub type SharedExpectations = Arc<Expectations>;
 
+/// The pool's `Ready` condition: True once `available` warm pods reach `replicas`. False says
+/// why: replacing failed pods under backoff, or still replenishing. The transition time is kept
+/// while the status does not change, as `kubectl wait --for=condition=Ready` expects.
+pub fn ready_condition(
+    status: &SandboxPoolStatus,
+    replicas: i32,
+    backoff: bool,
+    previous: Option<&Condition>,
+    generation: Option<i64>,
+    now: jiff::Timestamp,
+) -> Condition {
+    let (ok, reason) = if status.available >= replicas {
+        (true, "Full")
+    } else if backoff {
+        (false, "FailedPodsBackoff")
+    } else {
+        (false, "Replenishing")
+    };
+    let state = if ok { "True" } else { "False" };
+    let since = previous
+        .filter(|c| c.status == state)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or(Time(now));
+    Condition {
+        type_: "Ready".into(),
+        status: state.into(),
+        reason: reason.into(),
+        message: format!("{} of {replicas} warm pods available", status.available),
+        last_transition_time: since,
+        observed_generation: generation,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,5 +268,42 @@ mod tests {
         assert_eq!(e.pending("p", &HashSet::new()), 2);
         assert_eq!(e.pending("p", &["p-1"].into_iter().collect()), 1);
         assert_eq!(e.pending("other", &HashSet::new()), 0);
+    }
+
+    #[test]
+    fn ready_turns_true_when_full_and_keeps_its_transition_time() {
+        let t0 = jiff::Timestamp::from_second(1_000).unwrap();
+        let t1 = jiff::Timestamp::from_second(2_000).unwrap();
+        let mut st = SandboxPoolStatus {
+            available: 1,
+            ..Default::default()
+        };
+        let c = ready_condition(&st, 2, false, None, Some(3), t0);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "Replenishing")
+        );
+        assert_eq!(c.message, "1 of 2 warm pods available");
+        let c = ready_condition(&st, 2, true, Some(&c), Some(3), t1);
+        assert_eq!(c.reason, "FailedPodsBackoff");
+        assert_eq!(c.last_transition_time.0, t0, "still False: the time stays");
+        st.available = 2;
+        let c = ready_condition(&st, 2, false, Some(&c), Some(3), t1);
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Full"));
+        assert_eq!(c.last_transition_time.0, t1);
+        assert_eq!(c.observed_generation, Some(3));
+    }
+
+    #[test]
+    fn an_empty_pool_is_ready() {
+        let c = ready_condition(
+            &SandboxPoolStatus::default(),
+            0,
+            false,
+            None,
+            None,
+            jiff::Timestamp::UNIX_EPOCH,
+        );
+        assert_eq!(c.status, "True");
     }
 }

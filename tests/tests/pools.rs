@@ -63,11 +63,17 @@ async fn until_available(c: &Cluster, pool: &str, n: i32, within: Duration) {
         let p = pools(c).get(pool).await.map_err(|e| e.to_string())?;
         let s = p.status.unwrap_or_default();
         let idle = phase_pods(c, pool, "idle").await.len() as i32;
-        if s.available == n && idle == n {
+        // At full size (every caller waits for the pool's `replicas`), the pool says it is Ready.
+        let ready = s
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .map(|c| c.status.as_str());
+        if s.available == n && idle == n && ready == Some("True") {
             Ok(())
         } else {
             Err(format!(
-                "{pool}: available {}, idle pods {idle}, want {n}",
+                "{pool}: available {}, idle pods {idle}, Ready {ready:?}, want {n}",
                 s.available
             ))
         }
