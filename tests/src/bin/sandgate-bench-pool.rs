@@ -30,11 +30,11 @@ async fn main() -> anyhow::Result<()> {
             "1h",
         ],
     );
-    let pools: Api<SandboxPool> = Api::namespaced(c.client.clone(), "default");
-    let claims: Api<SandboxClaim> = Api::namespaced(c.client.clone(), "default");
+    let pools: Api<SandboxPool> = c.target.api();
+    let claims: Api<SandboxClaim> = c.target.api();
     let pool: SandboxPool = serde_json::from_value(json!({
         "apiVersion": "sandgate.dev/v1alpha1", "kind": "SandboxPool",
-        "metadata": {"name": "bench", "namespace": "default"},
+        "metadata": {"name": "bench"},
         "spec": {"replicas": WARM, "port": 8080, "defaultIdleTimeout": "1h",
                  "template": {"spec": {"containers": [{"name": "s", "image": "x", "ports": [{"containerPort": 8080}]}]}}},
     }))?;
@@ -49,7 +49,7 @@ async fn main() -> anyhow::Result<()> {
         .await?;
         let claim: SandboxClaim = serde_json::from_value(json!({
             "apiVersion": "sandgate.dev/v1alpha1", "kind": "SandboxClaim",
-            "metadata": {"name": format!("c{i}"), "namespace": "default"}, "spec": {"poolName": "bench"},
+            "metadata": {"name": format!("c{i}")}, "spec": {"poolName": "bench"},
         }))?;
         let start = Instant::now();
         claims.create(&PostParams::default(), &claim).await?;
