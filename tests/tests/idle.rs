@@ -101,15 +101,13 @@ async fn an_open_websocket_keeps_its_sandbox_until_it_closes() {
     // The other sandbox shows the controller is releasing meanwhile.
     until_phase(&c, "pod-canary", "stopping", RELEASE_WITHIN).await;
     // Silent but open for 3× the timeout.
-    let end = Instant::now() + 3 * TIMEOUT;
-    while Instant::now() < end {
-        assert_eq!(
-            c.phase("pod-ws").await,
-            "running",
-            "released with an open WebSocket"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    stays_running(
+        &c,
+        "pod-ws",
+        Instant::now() + 3 * TIMEOUT,
+        "released with an open WebSocket",
+    )
+    .await;
     ws.send(Message::text("still here")).await.unwrap();
     assert_eq!(
         ws.next()
@@ -213,16 +211,23 @@ async fn a_restarted_extproc_recovers_activity_and_releases_nothing_early() {
     .await;
     restart_the_gateway(&mut c).await;
     // Not released before 6 s after the last traffic…
-    while last_traffic.elapsed() < Duration::from_secs(5) {
-        assert_eq!(
-            c.phase("pod-a").await,
-            "running",
-            "released early after the restart"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    stays_running(
+        &c,
+        "pod-a",
+        last_traffic + 5 * SEC,
+        "released early after the restart",
+    )
+    .await;
     // …and released once truly idle.
     until_phase(&c, "pod-a", "stopping", RELEASE_WITHIN).await;
+}
+
+/// Asserts every 200 ms, until `until`, that `pod` is still running.
+async fn stays_running(c: &Cluster, pod: &str, until: Instant, why: &str) {
+    while Instant::now() < until {
+        assert_eq!(c.phase(pod).await, "running", "{why}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Kills the only gateway and starts a new one (same ext_proc port, new control address).
@@ -251,14 +256,13 @@ async fn activity_a_restarted_replica_forgot_still_counts() {
     let last_traffic = Instant::now();
     restart_the_gateway(&mut c).await;
     // The controller saw the traffic before the restart: nothing goes before 6 s after it…
-    while last_traffic.elapsed() < Duration::from_secs(5) {
-        assert_eq!(
-            c.phase("pod-a").await,
-            "running",
-            "released on the restarted replica's word alone"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    stays_running(
+        &c,
+        "pod-a",
+        last_traffic + 5 * SEC,
+        "released on the restarted replica's word alone",
+    )
+    .await;
     // …and it goes once truly idle.
     until_phase(&c, "pod-a", "stopping", RELEASE_WITHIN).await;
 }
