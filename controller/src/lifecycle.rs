@@ -310,6 +310,7 @@ async fn apply_pool(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, Err
             .set(i64::from(*n));
     }
     tracing::debug!(pool = %key, cached = views.len(), expected, create = plan.create, delete = plan.delete.len(), mark_idle = plan.mark_idle.len(), backoff = ?backoff, "pool reconciled");
+    let rotate_in = plan.rotate_in;
     let mut status = plan.status;
     status.observed_generation = pool.metadata.generation.unwrap_or(0);
     let previous = pool
@@ -331,7 +332,12 @@ async fn apply_pool(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, Err
         &Patch::Merge(&json!({"status": status})),
     )
     .await?;
-    Ok(Action::requeue(backoff.unwrap_or(Duration::from_secs(30))))
+    // Looked at again by the next failure backoff, the next rotation, or 30 s at the latest.
+    let again = [backoff, rotate_in]
+        .into_iter()
+        .flatten()
+        .fold(Duration::from_secs(30), Duration::min);
+    Ok(Action::requeue(again.max(Duration::from_millis(100))))
 }
 
 /// A new warm pod from the pool's template, with the contract's labels.

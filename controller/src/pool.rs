@@ -57,6 +57,8 @@ pub struct PoolPlan {
     pub delete: Vec<String>,
     pub mark_idle: Vec<String>,
     pub status: SandboxPoolStatus,
+    /// When the next idle pod that stays reaches `maxPodAge` (so the pool is looked at again then).
+    pub rotate_in: Option<Duration>,
 }
 
 /// Plans a pool. `expected` is how many created pods have not yet appeared.
@@ -92,12 +94,16 @@ pub fn plan_pool(
             }
             Some(Phase::Starting) => warm_starting.push(p),
             Some(Phase::Idle) => {
-                let too_old =
-                    max_age.is_some_and(|m| now.duration_since(p.created).unwrap_or_default() > m);
-                if too_old {
-                    plan.delete.push(p.name.clone());
-                } else {
-                    warm_idle.push(p);
+                let age = now.duration_since(p.created).unwrap_or_default();
+                match max_age {
+                    Some(m) if age > m => plan.delete.push(p.name.clone()),
+                    _ => {
+                        if let Some(m) = max_age {
+                            let left = m - age;
+                            plan.rotate_in = Some(plan.rotate_in.map_or(left, |r| r.min(left)));
+                        }
+                        warm_idle.push(p);
+                    }
                 }
             }
             Some(Phase::Running) => plan.status.claimed += 1,
@@ -258,6 +264,19 @@ mod tests {
         let plan = plan_pool(1, Some(Duration::from_secs(3600)), &pods, 0, now);
         assert_eq!(plan.delete, ["old-idle"]);
         assert_eq!(plan.create, 1);
+        assert_eq!(plan.rotate_in, None);
+    }
+
+    #[test]
+    fn the_next_rotation_is_when_the_oldest_idle_pod_expires() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(100);
+        let mut young = pod("young", Phase::Idle, true);
+        young.created = SystemTime::UNIX_EPOCH + Duration::from_secs(90);
+        let older = pod("older", Phase::Idle, true);
+        let plan = plan_pool(2, Some(Duration::from_secs(120)), &[young, older], 0, now);
+        assert!(plan.delete.is_empty());
+        assert_eq!(plan.rotate_in, Some(Duration::from_secs(20)));
+        assert_eq!(plan_pool(2, None, &[], 0, now).rotate_in, None);
     }
 
     #[test]

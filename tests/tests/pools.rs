@@ -360,3 +360,53 @@ async fn a_claim_on_an_empty_pool_waits_with_a_reason_then_binds() {
         ("Bound", "True")
     );
 }
+
+#[tokio::test]
+async fn idle_pods_past_max_pod_age_are_replaced_and_claimed_ones_stay() {
+    let c = cluster().await;
+    create_pool(&c, "rot", 2, "1h").await;
+    until_available(&c, "rot", 2, 30 * SEC).await;
+    let first: HashSet<String> = phase_pods(&c, "rot", "idle")
+        .await
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .collect();
+    claim(&c, "c1", "rot").await;
+    let (id, claimed) = until_claim(&c, "c1", ClaimPhase::Bound, 5 * SEC).await;
+    let patch = json!({"spec": {"maxPodAge": "3s"}});
+    pools(&c)
+        .patch("rot", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    // Every idle pod from before is rotated out, and the pool is full again with new ones…
+    let pods = c.pods();
+    eventually(20 * SEC, || async {
+        let idle: Vec<String> = phase_pods(&c, "rot", "idle")
+            .await
+            .into_iter()
+            .filter_map(|p| p.metadata.name)
+            .collect();
+        let old: Vec<&String> = idle.iter().filter(|n| first.contains(*n)).collect();
+        let gone = futures::future::join_all(
+            first
+                .iter()
+                .filter(|n| **n != claimed)
+                .map(|n| pods.get_opt(n)),
+        )
+        .await
+        .into_iter()
+        .all(|p| matches!(p, Ok(None)));
+        if gone && old.is_empty() && idle.len() == 2 {
+            Ok(())
+        } else {
+            Err(format!("idle {idle:?}, first {first:?}"))
+        }
+    })
+    .await;
+    // …while the claimed pod, older still, keeps running and routing.
+    assert_eq!(c.phase(&claimed).await, "running");
+    assert_eq!(
+        c.get(0, &format!("{id}.sandbox.localhost")).await.status,
+        200
+    );
+}
