@@ -289,34 +289,57 @@ mod tests {
     #[test]
     fn a_touch_between_two_polls_is_always_in_the_second() {
         use std::sync::Arc;
+        // Touch n happens at a time that names it: 100 s apart, far in the past, so the idle time
+        // a poll reports tells which touch it saw despite a few ms of clock reading.
+        const BASE: i64 = -1_000_000_000_000;
+        const STEP: i64 = 100_000;
+        let at = |n: u64| BASE + n as i64 * STEP;
+        let touch_number = |idle: Duration, now_ms: i64| {
+            let last = now_ms - idle.as_millis() as i64;
+            ((last - BASE + STEP / 2) / STEP) as u64
+        };
         let t = Arc::new(ActivityTable::new());
         let k = key("busy");
-        t.touch(k);
+        t.touch_at(k, at(0));
         let mut cursor = t.snapshot(0).cursor;
+        // Touch n sets `done` to n when it returns.
+        let started = Arc::new(AtomicU64::new(0));
         let done = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let writer = {
-            let (t, done, stop) = (t.clone(), done.clone(), stop.clone());
+            let (t, started, done, stop) = (t.clone(), started.clone(), done.clone(), stop.clone());
             std::thread::spawn(move || {
                 while !stop.load(SeqCst) {
-                    t.touch(k);
+                    let n = started.fetch_add(1, SeqCst) + 1;
+                    t.touch_at(k, at(n));
                     done.fetch_add(1, SeqCst);
+                    // Pauses, so that a touch is sometimes the last one before a poll.
+                    if n % 8 == 0 {
+                        std::thread::sleep(Duration::from_micros(30));
+                    }
                 }
             })
         };
-        let mut after_prev = done.load(SeqCst);
+        // Every touch that returned before a poll began was reported by that poll or an earlier
+        // one, with its own time or a later one.
+        let mut reported = 0;
         let mut checked = 0;
         for _ in 0..300 {
             std::thread::sleep(Duration::from_micros(100));
-            let before = done.load(SeqCst);
+            let done_before = done.load(SeqCst);
             let s = t.snapshot(cursor);
+            let now = t.now_ms();
             cursor = s.cursor;
-            // A touch completed after the previous poll returned and before this one began.
-            if before > after_prev {
-                checked += 1;
-                assert_eq!(s.sandboxes.len(), 1, "a completed touch was lost");
+            if let Some(r) = s.sandboxes.first() {
+                reported = reported.max(touch_number(r.idle, now));
             }
-            after_prev = done.load(SeqCst);
+            if done_before > 0 {
+                checked += 1;
+                assert!(
+                    reported >= done_before,
+                    "touch {done_before} had returned, but the latest reported is touch {reported}"
+                );
+            }
         }
         stop.store(true, SeqCst);
         writer.join().unwrap();
