@@ -161,20 +161,28 @@ pub async fn create_pod(
     phase: &str,
     port: u16,
 ) -> Pod {
+    // The sandbox ID is added once the pod runs, as a claim does: a gateway then never sees the
+    // sandbox before it is Ready (a pod created with its ID would answer 503 "not ready" until
+    // the gateway's watch caught up with the kubelet).
     pods.create(
         &PostParams::default(),
-        &sandbox_pod(pod_name, id, phase, port),
+        &sandbox_pod(pod_name, None, phase, port),
     )
     .await
     .expect("create pod");
-    eventually(Duration::from_secs(10), || async {
+    let pod = eventually(Duration::from_secs(10), || async {
         let p = pods.get(pod_name).await.map_err(|e| e.to_string())?;
         match p.status.as_ref().and_then(|s| s.pod_ip.as_ref()) {
             Some(_) => Ok(p),
             None => Err(format!("{pod_name} has no IP yet")),
         }
     })
-    .await
+    .await;
+    let Some(id) = id else { return pod };
+    let patch = json!({"metadata": {"labels": {"sandgate.dev/sandbox-id": id}}});
+    pods.patch(pod_name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("label the pod with its sandbox ID")
 }
 
 /// A kube client from a kubeconfig file, as the binaries build theirs.
