@@ -69,6 +69,7 @@ pub fn plan_pool(
     expected: usize,
     now: SystemTime,
 ) -> PoolPlan {
+    let age = |p: &PodView| now.duration_since(p.created).unwrap_or_default();
     let mut plan = PoolPlan::default();
     let mut counts: BTreeMap<String, i32> = BTreeMap::new();
     let mut warm_starting = Vec::new();
@@ -94,16 +95,10 @@ pub fn plan_pool(
             }
             Some(Phase::Starting) => warm_starting.push(p),
             Some(Phase::Idle) => {
-                let age = now.duration_since(p.created).unwrap_or_default();
-                match max_age {
-                    Some(m) if age > m => plan.delete.push(p.name.clone()),
-                    _ => {
-                        if let Some(m) = max_age {
-                            let left = m - age;
-                            plan.rotate_in = Some(plan.rotate_in.map_or(left, |r| r.min(left)));
-                        }
-                        warm_idle.push(p);
-                    }
+                if max_age.is_some_and(|m| age(p) > m) {
+                    plan.delete.push(p.name.clone());
+                } else {
+                    warm_idle.push(p);
                 }
             }
             Some(Phase::Running) => plan.status.claimed += 1,
@@ -131,6 +126,13 @@ pub fn plan_pool(
         .iter()
         .filter(|p| p.ready && !plan.delete.contains(&p.name))
         .count() as i32;
+    plan.rotate_in = max_age.and_then(|m| {
+        warm_idle
+            .iter()
+            .filter(|p| !plan.delete.contains(&p.name))
+            .map(|p| m.saturating_sub(age(p)))
+            .min()
+    });
     plan.status.replicas = counts;
     plan
 }

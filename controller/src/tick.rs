@@ -72,6 +72,8 @@ pub struct PodPlan {
     pub verdict: Verdict,
     /// Queue a `last-active` write with this value.
     pub annotate: Option<SystemTime>,
+    /// The latest activity the replicas (and earlier ticks) reported.
+    pub reported: Option<SystemTime>,
 }
 
 /// Plans one pod from the tick's evidence. `None` for pods that are not running sandboxes.
@@ -109,11 +111,8 @@ pub fn plan_pod(
         tracing::warn!(pod = meta.name.as_deref().unwrap_or_default(), error = %e, "idle-timeout annotation ignored");
     }
     let refresh = idle::refresh_interval(timeout, refresh);
-    let annotate = evidence
-        .reports
-        .iter()
-        .max()
-        .copied()
+    let reported = evidence.reports.iter().max().copied();
+    let annotate = reported
         .filter(|&t| idle::annotation_due(evidence.annotation, t, refresh) && t >= last_active);
     Some(PodPlan {
         namespace: meta.namespace.clone().unwrap_or_default(),
@@ -124,6 +123,7 @@ pub fn plan_pod(
         last_active,
         verdict: idle::verdict(now, last_active, timeout),
         annotate,
+        reported,
     })
 }
 
@@ -175,7 +175,6 @@ async fn run_tick(ctx: &Context) -> TickReport {
     let now = SystemTime::now();
     let plans: Vec<PodPlan> = {
         let mut seen = ctx.seen.lock().unwrap_or_else(|e| e.into_inner());
-        let mut remembered = std::collections::HashMap::new();
         let plans: Vec<PodPlan> = ctx
             .pods
             .iter()
@@ -184,22 +183,21 @@ async fn run_tick(ctx: &Context) -> TickReport {
                 let id = sandbox_id(&p, &ctx.contract);
                 let mut reports = poll.activity.get(id).cloned().unwrap_or_default();
                 reports.extend(seen.get(id).copied());
-                let plan = plan_pod(
+                plan_pod(
                     &p,
                     &ctx.contract,
                     Some(&reports),
                     ctx.default_timeout,
                     ctx.refresh,
                     now,
-                )?;
-                if let Some(&t) = reports.iter().max() {
-                    remembered.insert(plan.sandbox_id.clone(), t);
-                }
-                Some(plan)
+                )
             })
             .collect();
         // Only running sandboxes stay remembered.
-        *seen = remembered;
+        *seen = plans
+            .iter()
+            .filter_map(|p| Some((p.sandbox_id.clone(), p.reported?)))
+            .collect();
         plans
     };
     ctx.metrics.sandboxes_tracked.set(plans.len() as i64);

@@ -3,7 +3,7 @@
 //! its own sandgate-extproc, registered in the extproc control Service's EndpointSlices) and
 //! sandgate-controller processes.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -68,8 +68,6 @@ pub fn metric_value(text: &str, series: &str) -> f64 {
 pub struct Cluster {
     pub target: Target,
     pub dir: tempfile::TempDir,
-    pub kubeconfig: PathBuf,
-    pub client: kube::Client,
     pub gateways: Vec<Gateway>,
     pub controllers: Vec<Controller>,
 }
@@ -79,12 +77,9 @@ impl Cluster {
     pub async fn start(gateways: usize) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let target = Target::start(dir.path()).await;
-        let (kubeconfig, client) = (target.kubeconfig.clone(), target.client.clone());
         let mut c = Cluster {
             target,
             dir,
-            kubeconfig,
-            client,
             gateways: Vec::new(),
             controllers: Vec::new(),
         };
@@ -99,14 +94,8 @@ impl Cluster {
 
     /// Starts an Envoy + extproc pair with its ext_proc gRPC on `grpc_port`.
     pub async fn start_gateway(&self, grpc_port: u16) -> Gateway {
-        let (extproc, envoy) = crate::stack::start_gateway(
-            self.dir.path(),
-            &self.kubeconfig,
-            self.ns(),
-            grpc_port,
-            &[],
-        )
-        .await;
+        let (extproc, envoy) =
+            crate::stack::start_gateway(self.dir.path(), &self.target, grpc_port, &[]).await;
         Gateway { extproc, envoy }
     }
 
@@ -152,7 +141,7 @@ impl Cluster {
         let token = write_token(self.dir.path()).expect("token");
         let log = log_file(self.dir.path(), &format!("controller-{identity}.log"));
         let child = Command::new(bin_path("sandgate-controller"))
-            .env("KUBECONFIG", &self.kubeconfig)
+            .env("KUBECONFIG", &self.target.kubeconfig)
             .env("RUST_LOG", "info,sandgate_controller=debug")
             // Defaults through the environment, so `extra` flags can override them.
             .env("SANDGATE_INTERVAL", "1s")
@@ -204,6 +193,15 @@ impl Cluster {
         get(self.gateways[gw].envoy.addr(), host, "/", &[])
             .await
             .expect("request through envoy")
+    }
+
+    /// Asserts every 200 ms, until `until`, that `pod` is still running (`why` says what it
+    /// would mean if not).
+    pub async fn assert_running_until(&self, pod: &str, until: std::time::Instant, why: &str) {
+        while std::time::Instant::now() < until {
+            assert_eq!(self.phase(pod).await, "running", "{why}");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
     }
 
     /// The pod's `phase` label.

@@ -5,7 +5,6 @@
 //! real cluster; only the double itself is test code.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -22,8 +21,6 @@ pub const DOMAIN: &str = "sandbox.localhost";
 pub struct Stack {
     pub target: Target,
     pub dir: tempfile::TempDir,
-    pub kubeconfig: PathBuf,
-    pub client: kube::Client,
     pub extproc: Extproc,
     pub envoy: Envoy,
 }
@@ -37,20 +34,10 @@ impl Stack {
     pub async fn start_with(extproc_flags: &[&str]) -> Stack {
         let dir = tempfile::tempdir().expect("tempdir");
         let target = Target::start(dir.path()).await;
-        let (kubeconfig, client) = (target.kubeconfig.clone(), target.client.clone());
-        let (extproc, envoy) = start_gateway(
-            dir.path(),
-            &kubeconfig,
-            &target.namespace,
-            free_port(),
-            extproc_flags,
-        )
-        .await;
+        let (extproc, envoy) = start_gateway(dir.path(), &target, free_port(), extproc_flags).await;
         Stack {
             target,
             dir,
-            kubeconfig,
-            client,
             extproc,
             envoy,
         }
@@ -128,19 +115,19 @@ impl Drop for Stack {
     }
 }
 
-/// Starts sandgate-extproc (ext_proc gRPC on `grpc_port`, `--domain` DOMAIN, watching `namespace`,
-/// plus `extra` flags) and an Envoy in front of it (access logs flushed every second), and waits
-/// until the extproc is ready.
+/// Starts sandgate-extproc against `target` (ext_proc gRPC on `grpc_port`, `--domain` DOMAIN,
+/// watching the target's namespace, plus `extra` flags) and an Envoy in front of it (access logs
+/// flushed every second), and waits until the extproc is ready.
 pub async fn start_gateway(
     dir: &std::path::Path,
-    kubeconfig: &std::path::Path,
-    namespace: &str,
+    target: &Target,
     grpc_port: u16,
     extra: &[&str],
 ) -> (Extproc, Envoy) {
-    let mut flags = vec!["--domain", DOMAIN, "--namespace", namespace];
+    let mut flags = vec!["--domain", DOMAIN, "--namespace", &target.namespace];
     flags.extend_from_slice(extra);
-    let extproc = Extproc::spawn(dir, kubeconfig, grpc_port, &flags).expect("spawn extproc");
+    let extproc =
+        Extproc::spawn(dir, &target.kubeconfig, grpc_port, &flags).expect("spawn extproc");
     let ports = EnvoyPorts {
         listen_addr: "127.0.0.1".into(),
         listen_port: free_port(),

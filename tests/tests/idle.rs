@@ -101,8 +101,7 @@ async fn an_open_websocket_keeps_its_sandbox_until_it_closes() {
     // The other sandbox shows the controller is releasing meanwhile.
     until_phase(&c, "pod-canary", "stopping", RELEASE_WITHIN).await;
     // Silent but open for 3× the timeout.
-    stays_running(
-        &c,
+    c.assert_running_until(
         "pod-ws",
         Instant::now() + 3 * TIMEOUT,
         "released with an open WebSocket",
@@ -209,29 +208,13 @@ async fn a_restarted_extproc_recovers_activity_and_releases_nothing_early() {
         }
     })
     .await;
-    restart_the_gateway(&mut c).await;
-    // Not released before 6 s after the last traffic…
-    stays_running(
-        &c,
-        "pod-a",
-        last_traffic + 5 * SEC,
-        "released early after the restart",
-    )
-    .await;
-    // …and released once truly idle.
-    until_phase(&c, "pod-a", "stopping", RELEASE_WITHIN).await;
+    restart_then_released_on_time(&mut c, last_traffic, "released early after the restart").await;
 }
 
-/// Asserts every 200 ms, until `until`, that `pod` is still running.
-async fn stays_running(c: &Cluster, pod: &str, until: Instant, why: &str) {
-    while Instant::now() < until {
-        assert_eq!(c.phase(pod).await, "running", "{why}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Kills the only gateway and starts a new one (same ext_proc port, new control address).
-async fn restart_the_gateway(c: &mut Cluster) {
+/// Kills the only gateway and starts a new one (same ext_proc port, new control address). Then
+/// `pod-a` (idle timeout 6 s) must not be released before 6 s after `last_traffic` (`early` says
+/// what that would mean), and must be released once truly idle.
+async fn restart_then_released_on_time(c: &mut Cluster, last_traffic: Instant, early: &str) {
     let port = c.gateways[0].extproc.grpc_port;
     c.gateways[0].extproc.kill().await;
     let old = c.gateways.remove(0);
@@ -240,6 +223,9 @@ async fn restart_the_gateway(c: &mut Cluster) {
     c.unregister_replica("gw-0").await;
     c.register_replica("gw-0b", gw.extproc.control_port).await;
     c.gateways.push(gw);
+    c.assert_running_until("pod-a", last_traffic + 5 * SEC, early)
+        .await;
+    until_phase(c, "pod-a", "stopping", RELEASE_WITHIN).await;
 }
 
 #[tokio::test]
@@ -254,17 +240,14 @@ async fn activity_a_restarted_replica_forgot_still_counts() {
     );
     keep_busy(&c, 0, "sbx-a", 4 * SEC).await;
     let last_traffic = Instant::now();
-    restart_the_gateway(&mut c).await;
-    // The controller saw the traffic before the restart: nothing goes before 6 s after it…
-    stays_running(
-        &c,
-        "pod-a",
-        last_traffic + 5 * SEC,
+    // The controller saw the traffic before the restart: nothing goes before 6 s after it, and
+    // it goes once truly idle.
+    restart_then_released_on_time(
+        &mut c,
+        last_traffic,
         "released on the restarted replica's word alone",
     )
     .await;
-    // …and it goes once truly idle.
-    until_phase(&c, "pod-a", "stopping", RELEASE_WITHIN).await;
 }
 
 #[tokio::test]

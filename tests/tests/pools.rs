@@ -81,6 +81,26 @@ async fn until_available(c: &Cluster, pool: &str, n: i32, within: Duration) {
     .await
 }
 
+/// Waits until the pool has exactly `n` pods, whatever their phase.
+async fn until_pool_pods(c: &Cluster, pool: &str, n: usize, within: Duration) {
+    eventually(within, || async {
+        let lp = ListParams::default().labels(&format!("sandgate.dev/pool={pool}"));
+        let have = c
+            .pods()
+            .list(&lp)
+            .await
+            .map_err(|e| e.to_string())?
+            .items
+            .len();
+        if have == n {
+            Ok(())
+        } else {
+            Err(format!("{pool}: {have} pods, want {n}"))
+        }
+    })
+    .await
+}
+
 async fn phase_pods(c: &Cluster, pool: &str, phase: &str) -> Vec<Pod> {
     let lp = ListParams::default().labels(&format!(
         "sandgate.dev/pool={pool},sandgate.dev/phase={phase}"
@@ -236,21 +256,7 @@ async fn scaling_never_removes_a_claimed_pod() {
     let (_, pod) = until_claim(&c, "c1", ClaimPhase::Bound, 5 * SEC).await;
     scale(&c, "sc", 0).await;
     until_available(&c, "sc", 0, 30 * SEC).await;
-    eventually(10 * SEC, || async {
-        let n = c
-            .pods()
-            .list(&ListParams::default().labels("sandgate.dev/pool=sc"))
-            .await
-            .map_err(|e| e.to_string())?
-            .items
-            .len();
-        if n == 1 {
-            Ok(())
-        } else {
-            Err(format!("{n} pods left"))
-        }
-    })
-    .await;
+    until_pool_pods(&c, "sc", 1, 10 * SEC).await;
     assert_eq!(c.phase(&pod).await, "running");
     scale(&c, "sc", 2).await;
     until_available(&c, "sc", 2, 30 * SEC).await;
@@ -297,23 +303,13 @@ async fn deleting_a_pool_keeps_claimed_sandboxes_until_released() {
         .await
         .unwrap();
     // Idle pods go; the claimed one keeps serving and the pool waits for it.
-    eventually(10 * SEC, || async {
-        let n = c
-            .pods()
-            .list(&ListParams::default().labels("sandgate.dev/pool=gone"))
-            .await
-            .map_err(|e| e.to_string())?
-            .items
-            .len();
-        if n == 1 {
-            Ok(())
-        } else {
-            Err(format!("{n} pods"))
-        }
-    })
+    until_pool_pods(&c, "gone", 1, 10 * SEC).await;
+    c.assert_running_until(
+        &pod,
+        std::time::Instant::now() + 2 * SEC,
+        "a claimed sandbox stopped when its pool was deleted",
+    )
     .await;
-    tokio::time::sleep(2 * SEC).await;
-    assert_eq!(c.phase(&pod).await, "running");
     assert_eq!(
         c.get(0, &format!("{id}.sandbox.localhost")).await.status,
         200

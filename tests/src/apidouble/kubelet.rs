@@ -17,12 +17,12 @@ pub async fn run(store: Arc<Store>, net: u8) {
     let mut next: u32 = 0;
     let mut servers: HashMap<(String, String), Vec<JoinHandle<()>>> = HashMap::new();
     // Changes to act on: the feed, or after falling behind it, the pods as they are now.
-    let mut backlog: std::collections::VecDeque<(EventType, String, Value)> = Default::default();
+    let mut backlog: std::collections::VecDeque<(EventType, Value)> = Default::default();
     loop {
-        let (kind, namespace, object) = match backlog.pop_front() {
+        let (kind, object) = match backlog.pop_front() {
             Some(c) => c,
             None => match changes.recv().await {
-                Ok(c) if c.resource == "pods" => (c.kind, c.namespace.clone(), c.object.clone()),
+                Ok(c) if c.resource == "pods" => (c.kind, c.object.clone()),
                 Ok(_) => continue,
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                     let (pods, _) = store.list("pods", None, &Default::default());
@@ -35,69 +35,27 @@ pub async fn run(store: Arc<Store>, net: u8) {
                         }
                         keep
                     });
-                    backlog.extend(pods.into_iter().map(|p| {
-                        let ns = pod_key(&p).0;
-                        (EventType::Added, ns, p)
-                    }));
+                    backlog.extend(pods.into_iter().map(|p| (EventType::Added, p)));
                     continue;
                 }
                 Err(_) => return,
             },
         };
-        let change = PodChange {
-            kind,
-            namespace,
-            object,
-        };
-        let name = change.object["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        let key = (change.namespace.clone(), name.clone());
-        if change.kind == EventType::Deleted {
+        let key = pod_key(&object);
+        if kind == EventType::Deleted {
             for h in servers.remove(&key).unwrap_or_default() {
                 h.abort();
             }
             continue;
         }
-        let has_ip = change.object["status"]["podIP"].is_string();
-        if has_ip
+        if object["status"]["podIP"].is_string()
             || servers.contains_key(&key)
-            || change.object["metadata"]["deletionTimestamp"].is_string()
+            || object["metadata"]["deletionTimestamp"].is_string()
         {
             continue;
         }
-        // The first address where every container port binds: another test process may use
-        // the same /16 at the same time.
-        let ports = container_ports(&change.object);
-        let mut attempts = 0;
-        let (ip, handles) = loop {
-            attempts += 1;
-            next += 1;
-            // Skip .0 and .255 in the last octet.
-            let n = next + 2 * (next / 254) + 1;
-            let ip = Ipv4Addr::new(127, net, (n >> 8) as u8, (n & 0xff) as u8);
-            let mut handles = Vec::new();
-            for &port in &ports {
-                match echo::bind(ip, port, name.clone()).await {
-                    Ok(h) => handles.push(h),
-                    Err(e) => {
-                        tracing::debug!(%ip, port, error = %e, "kubelet: address taken; next one");
-                        break;
-                    }
-                }
-            }
-            if handles.len() == ports.len() {
-                break (ip, handles);
-            }
-            if attempts == 64 {
-                tracing::warn!(pod = %name, ?ports, "kubelet: cannot bind the pod's ports; it runs without servers");
-                break (ip, handles);
-            }
-            for h in handles {
-                h.abort();
-            }
-        };
+        let (ip, handles) = start_servers(net, &mut next, &container_ports(&object), &key.1).await;
+        let (namespace, name) = key.clone();
         servers.insert(key, handles);
         let status = json!({"status": {
             "phase": "Running",
@@ -108,24 +66,47 @@ pub async fn run(store: Arc<Store>, net: u8) {
                 {"type": "ContainersReady", "status": "True"},
             ],
         }});
-        if let Err(e) = store.patch(
-            "pods",
-            &change.namespace,
-            &name,
-            PatchKind::Merge,
-            &status,
-            true,
-        ) {
+        if let Err(e) = store.patch("pods", &namespace, &name, PatchKind::Merge, &status, true) {
             tracing::warn!(pod = %name, error = ?e, "kubelet: status update failed");
         }
     }
 }
 
-/// One change the kubelet acts on.
-struct PodChange {
-    kind: EventType,
-    namespace: String,
-    object: Value,
+/// Starts echo servers on `ports` at the next loopback address where all of them bind (another
+/// test process may use the same /16 at the same time).
+async fn start_servers(
+    net: u8,
+    next: &mut u32,
+    ports: &[u16],
+    name: &str,
+) -> (Ipv4Addr, Vec<JoinHandle<()>>) {
+    for _ in 0..64 {
+        *next += 1;
+        let ip = address(net, *next);
+        let mut handles = Vec::new();
+        for &port in ports {
+            match echo::bind(ip, port, name.to_string()).await {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    tracing::debug!(%ip, port, error = %e, "kubelet: address taken; next one");
+                    break;
+                }
+            }
+        }
+        if handles.len() == ports.len() {
+            return (ip, handles);
+        }
+        handles.iter().for_each(JoinHandle::abort);
+    }
+    tracing::warn!(pod = %name, ?ports, "kubelet: cannot bind the pod's ports; it runs without servers");
+    *next += 1;
+    (address(net, *next), Vec::new())
+}
+
+/// The `n`th pod address in 127.<net>/16, skipping .0 and .255 in the last octet.
+fn address(net: u8, n: u32) -> Ipv4Addr {
+    let n = n + 2 * (n / 254) + 1;
+    Ipv4Addr::new(127, net, (n >> 8) as u8, (n & 0xff) as u8)
 }
 
 fn pod_key(pod: &Value) -> (String, String) {

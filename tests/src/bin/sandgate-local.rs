@@ -31,7 +31,7 @@ async fn main() -> anyhow::Result<()> {
     let api = ApiDouble::start_on(args.api_addr, Some(77)).await?;
     let kubeconfig = api.write_kubeconfig(&run_dir)?;
     let client = client_for(&kubeconfig).await;
-    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client, "default");
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), "default");
     for (name, id, port) in [
         ("demo-pod-1", "demo-1", 8080),
         ("demo-pod-2", "demo-2", 8080),
@@ -72,7 +72,7 @@ async fn main() -> anyhow::Result<()> {
         .spawn()?;
     // The controller finds the extproc through an EndpointSlice, as in a cluster.
     let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
-        Api::namespaced(client_for(&kubeconfig).await, "sandgate-system");
+        Api::namespaced(client.clone(), "sandgate-system");
     slices
         .create(
             &PostParams::default(),
@@ -136,7 +136,7 @@ async fn main() -> anyhow::Result<()> {
 
     // The pool lifecycle: a warm pool and one claim on it.
     let pools: Api<sandgate_controller::crd::SandboxPool> =
-        Api::namespaced(client_for(&kubeconfig).await, "default");
+        Api::namespaced(client.clone(), "default");
     pools
         .create(
             &PostParams::default(),
@@ -149,7 +149,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .await?;
     let claims: Api<sandgate_controller::crd::SandboxClaim> =
-        Api::namespaced(client_for(&kubeconfig).await, "default");
+        Api::namespaced(client.clone(), "default");
     claims
         .create(
             &PostParams::default(),
