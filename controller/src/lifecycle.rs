@@ -110,8 +110,28 @@ pub struct Ctx {
 
 /// Publishes a Normal event on `obj`; failures are logged, never fatal.
 async fn event<K: Resource<DynamicType = ()>>(ctx: &Ctx, obj: &K, reason: &str, note: String) {
+    publish(ctx, obj, kube::runtime::events::EventType::Normal, reason, note).await
+}
+
+/// Publishes a Warning event on `obj`; failures are logged, never fatal.
+async fn event_warning<K: Resource<DynamicType = ()>>(
+    ctx: &Ctx,
+    obj: &K,
+    reason: &str,
+    note: String,
+) {
+    publish(ctx, obj, kube::runtime::events::EventType::Warning, reason, note).await
+}
+
+async fn publish<K: Resource<DynamicType = ()>>(
+    ctx: &Ctx,
+    obj: &K,
+    type_: kube::runtime::events::EventType,
+    reason: &str,
+    note: String,
+) {
     let ev = kube::runtime::events::Event {
-        type_: kube::runtime::events::EventType::Normal,
+        type_,
         reason: reason.into(),
         note: Some(note),
         action: reason.into(),
@@ -181,6 +201,9 @@ where
 async fn apply_pool(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let (pool, ctx) = (&*pool, &*ctx);
     let (ns, name) = (pool.namespace().unwrap_or_default(), pool.name_any());
+    if let Err(why) = crate::validate::check_pool(&pool.spec) {
+        return refuse_pool(ctx, pool, why).await;
+    }
     let max_age = match &pool.spec.max_pod_age {
         Some(s) => {
             Some(
@@ -340,6 +363,41 @@ async fn apply_pool(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, Err
     Ok(Action::requeue(again.max(Duration::from_millis(100))))
 }
 
+/// A pool whose spec cannot work: `Ready` False with reason `InvalidSpec`, nothing created; looked
+/// at again when the spec changes.
+async fn refuse_pool(ctx: &Ctx, pool: &SandboxPool, why: String) -> Result<Action, Error> {
+    let (ns, name) = (pool.namespace().unwrap_or_default(), pool.name_any());
+    let previous = pool.status.clone().unwrap_or_default();
+    let already = previous.conditions.iter().any(|c| {
+        c.type_ == "Ready"
+            && c.reason == crate::validate::INVALID_SPEC
+            && c.message == why
+            && c.observed_generation == pool.metadata.generation
+    });
+    if !already {
+        tracing::warn!(pool = %format!("{ns}/{name}"), %why, "pool spec refused");
+        let cond = k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+            type_: "Ready".into(),
+            status: "False".into(),
+            reason: crate::validate::INVALID_SPEC.into(),
+            message: why.clone(),
+            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                jiff::Timestamp::now(),
+            ),
+            observed_generation: pool.metadata.generation,
+        };
+        let patch = json!({"status": {
+            "observedGeneration": pool.metadata.generation.unwrap_or(0),
+            "conditions": [cond],
+        }});
+        let api: Api<SandboxPool> = Api::namespaced(ctx.client.clone(), &ns);
+        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        event_warning(ctx, pool, crate::validate::INVALID_SPEC, why).await;
+    }
+    Ok(Action::await_change())
+}
+
 /// A new warm pod from the pool's template, with the contract's labels.
 fn pool_pod(pool: &SandboxPool, c: &Contract, name: &str) -> Pod {
     let t = pool.spec.template.clone();
@@ -456,6 +514,37 @@ async fn set_pending(
     set_status(ctx, claim, &status).await
 }
 
+/// A claim that can never bind as written: Failed, with a `Bound=False` condition of reason
+/// `InvalidSpec` naming the field, and a Warning event. Not retried.
+async fn refuse_claim(ctx: &Ctx, claim: &SandboxClaim, why: String) -> Result<Action, Error> {
+    tracing::warn!(claim = %claim.name_any(), %why, "claim spec refused");
+    forget_waiter(ctx, &claim.uid().unwrap_or_default());
+    let cond = k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+        type_: "Bound".into(),
+        status: "False".into(),
+        reason: crate::validate::INVALID_SPEC.into(),
+        message: why.clone(),
+        last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            jiff::Timestamp::now(),
+        ),
+        observed_generation: claim.metadata.generation,
+    };
+    let status = SandboxClaimStatus {
+        phase: ClaimPhase::Failed,
+        conditions: vec![cond],
+        ..Default::default()
+    };
+    set_status(ctx, claim, &status).await?;
+    event_warning(ctx, claim, crate::validate::INVALID_SPEC, why).await;
+    Ok(Action::await_change())
+}
+
+fn forget_waiter(ctx: &Ctx, uid: &str) {
+    let mut waiting = ctx.waiting.lock().unwrap_or_else(|e| e.into_inner());
+    waiting.remove(uid);
+    ctx.metrics.claims_waiting.set(waiting.len() as i64);
+}
+
 /// The claim's bound pod, if it is still running the claim's sandbox.
 fn live_pod(ctx: &Ctx, ns: &str, status: &SandboxClaimStatus) -> Option<Arc<Pod>> {
     let name = status.pod_name.as_deref()?;
@@ -528,6 +617,9 @@ async fn apply_claim(claim: Arc<SandboxClaim>, ctx: Arc<Ctx>) -> Result<Action, 
         // Bound by this process already; the status write is what is missing.
         return Ok(Action::requeue(Duration::from_millis(200)));
     }
+    if let Err(why) = crate::validate::check_claim(&claim.spec, &ctx.contract) {
+        return refuse_claim(ctx, claim, why).await;
+    }
     let pools: Api<SandboxPool> = Api::namespaced(ctx.client.clone(), &ns);
     let Some(pool) = pools.get_opt(&claim.spec.pool_name).await? else {
         ctx.waiting
@@ -544,10 +636,14 @@ async fn apply_claim(claim: Arc<SandboxClaim>, ctx: Arc<Ctx>) -> Result<Action, 
         .clone()
         .or(pool.spec.default_idle_timeout.clone());
     if let Some(t) = &timeout {
-        parse_idle_timeout(t).map_err(|_| Error::Invalid {
-            field: "idleTimeout",
-            value: t.clone(),
-        })?;
+        if parse_idle_timeout(t).is_err() {
+            let msg = format!(
+                "SandboxPool {} has an invalid spec.defaultIdleTimeout {t:?}",
+                claim.spec.pool_name
+            );
+            set_pending(ctx, claim, "PoolInvalidSpec", msg).await?;
+            return Ok(Action::requeue(Duration::from_secs(30)));
+        }
     }
     let mut candidates: Vec<Arc<Pod>> = pool_pods(ctx, &ns, &claim.spec.pool_name)
         .into_iter()
@@ -605,6 +701,10 @@ async fn apply_claim(claim: Arc<SandboxClaim>, ctx: Arc<Ctx>) -> Result<Action, 
                     ctx.metrics.claim_seconds.observe(waited.as_secs_f64());
                 }
                 return Ok(Action::requeue(Duration::from_secs(60)));
+            }
+            Err(Error::Kube(kube::Error::Api(e))) if crate::validate::is_invalid_object(&e) => {
+                // The API server refuses what the claim asks the pod to carry.
+                return refuse_claim(ctx, claim, e.message.clone()).await;
             }
             Err(Error::Kube(kube::Error::Api(e))) if e.code == 409 || e.code == 422 => continue,
             Err(e) => return Err(e),

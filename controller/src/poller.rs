@@ -5,7 +5,6 @@
 //! or whose cursor expired answers with a full report, which replaces what was known of it.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
 use futures::future::join_all;
@@ -17,6 +16,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::idle::report_time;
+use crate::replicas::ReplicaAddr;
 
 type Client = ControlClient<InterceptedService<Channel, Bearer>>;
 
@@ -64,7 +64,7 @@ pub struct PollResult {
     /// Every replica answered and was warm.
     pub complete: bool,
     pub polled: usize,
-    pub failed: Vec<(SocketAddr, PollError)>,
+    pub failed: Vec<(ReplicaAddr, PollError)>,
     /// sandbox → the latest activity each answering replica reported.
     pub activity: HashMap<String, Vec<SystemTime>>,
 }
@@ -72,7 +72,7 @@ pub struct PollResult {
 pub struct Poller {
     token: MetadataValue<tonic::metadata::Ascii>,
     timeout: Duration,
-    replicas: HashMap<SocketAddr, Replica>,
+    replicas: HashMap<ReplicaAddr, Replica>,
 }
 
 impl Poller {
@@ -87,11 +87,11 @@ impl Poller {
         })
     }
 
-    fn client(&mut self, addr: SocketAddr) -> &mut Replica {
+    fn client(&mut self, addr: &ReplicaAddr) -> &mut Replica {
         let (token, timeout) = (self.token.clone(), self.timeout);
-        self.replicas.entry(addr).or_insert_with(|| {
+        self.replicas.entry(addr.clone()).or_insert_with(|| {
             let channel = Endpoint::from_shared(format!("http://{addr}"))
-                .expect("a socket address is a valid URI")
+                .expect("an IP or DNS name and a port make a valid URI")
                 .connect_timeout(timeout)
                 .timeout(timeout)
                 .tcp_nodelay(true)
@@ -107,10 +107,10 @@ impl Poller {
     }
 
     /// Polls `addrs` in parallel. Replicas no longer listed are forgotten.
-    pub async fn poll(&mut self, addrs: &[SocketAddr]) -> PollResult {
+    pub async fn poll(&mut self, addrs: &[ReplicaAddr]) -> PollResult {
         self.replicas.retain(|a, _| addrs.contains(a));
         for a in addrs {
-            self.client(*a);
+            self.client(a);
         }
         let timeout = self.timeout;
         let calls = self.replicas.iter_mut().map(|(addr, r)| async move {
@@ -146,7 +146,7 @@ impl Poller {
                     }
                 }
             };
-            (*addr, res, received)
+            (addr.clone(), res, received)
         });
         let answers = join_all(calls).await;
         let mut out = PollResult {

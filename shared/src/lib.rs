@@ -8,6 +8,7 @@
 pub mod address;
 pub mod contract;
 pub mod duration;
+pub mod meta;
 #[cfg(feature = "server")]
 pub mod server;
 

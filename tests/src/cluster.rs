@@ -68,6 +68,8 @@ pub fn metric_value(text: &str, series: &str) -> f64 {
 pub struct Cluster {
     pub target: Target,
     pub dir: tempfile::TempDir,
+    /// The controller's credential (its own ServiceAccount's token where RBAC is enforced).
+    controller_kubeconfig: std::path::PathBuf,
     pub gateways: Vec<Gateway>,
     pub controllers: Vec<Controller>,
 }
@@ -77,9 +79,13 @@ impl Cluster {
     pub async fn start(gateways: usize) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let target = Target::start(dir.path()).await;
+        let controller_kubeconfig = target
+            .kubeconfig_for(dir.path(), "sandgate-controller")
+            .await;
         let mut c = Cluster {
             target,
             dir,
+            controller_kubeconfig,
             gateways: Vec::new(),
             controllers: Vec::new(),
         };
@@ -99,14 +105,22 @@ impl Cluster {
         Gateway { extproc, envoy }
     }
 
-    /// Lists a control-API address in the extproc control Service's EndpointSlices.
+    /// Lists a control-API address in the extproc control Service's EndpointSlices. A real API
+    /// server refuses loopback IPs in IPv4 slices (and one-label names such as `localhost` in
+    /// FQDN slices), so there the replica is an FQDN slice naming `127.0.0.1`; the double gets the
+    /// IPv4 form a Service's own slices have.
     pub async fn register_replica(&self, name: &str, port: u16) {
+        let address_type = match self.target.kind {
+            crate::target::Kind::Double => "IPv4",
+            _ => "FQDN",
+        };
+        let address = "127.0.0.1";
         let slice: EndpointSlice = serde_json::from_value(json!({
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"name": name, "labels": {"kubernetes.io/service-name": CONTROL_SERVICE}},
-            "addressType": "IPv4",
+            "addressType": address_type,
             "ports": [{"name": "control", "port": port, "protocol": "TCP"}],
-            "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": true}}],
+            "endpoints": [{"addresses": [address], "conditions": {"ready": true}}],
         }))
         .expect("slice");
         self.slices()
@@ -141,7 +155,7 @@ impl Cluster {
         let token = write_token(self.dir.path()).expect("token");
         let log = log_file(self.dir.path(), &format!("controller-{identity}.log"));
         let child = Command::new(bin_path("sandgate-controller"))
-            .env("KUBECONFIG", &self.target.kubeconfig)
+            .env("KUBECONFIG", &self.controller_kubeconfig)
             .env("RUST_LOG", "info,sandgate_controller=debug")
             // Defaults through the environment, so `extra` flags can override them.
             .env("SANDGATE_INTERVAL", "1s")

@@ -15,42 +15,70 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::{handshake::derive_accept_key, protocol::Role, Message};
 use tokio_tungstenite::WebSocketStream;
 
-/// Binds `ip:port` and serves until the handle is aborted.
-pub async fn bind(
-    ip: impl Into<IpAddr>,
-    port: u16,
-    name: String,
-) -> std::io::Result<JoinHandle<()>> {
+/// A serving echo server. Dropping it stops it as a container's exit would: the port closes and
+/// every open connection, upgraded WebSockets included, is cut.
+pub struct Server {
+    accept: JoinHandle<()>,
+    stop: watch::Sender<bool>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.accept.abort();
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Binds `ip:port` and serves until the returned [`Server`] is dropped.
+pub async fn bind(ip: impl Into<IpAddr>, port: u16, name: String) -> std::io::Result<Server> {
     let listener = TcpListener::bind(SocketAddr::new(ip.into(), port)).await?;
-    Ok(tokio::spawn(serve(
+    let (stop, stopped) = watch::channel(false);
+    let accept = tokio::spawn(serve_until(
         listener,
         name,
         Arc::new(AtomicUsize::new(0)),
-    )))
+        stopped,
+    ));
+    Ok(Server { accept, stop })
 }
 
-/// Serves on a bound listener, counting every request in `hits`.
+/// Serves on a bound listener, counting every request in `hits`, for as long as the task runs.
 pub async fn serve(listener: TcpListener, name: String, hits: Arc<AtomicUsize>) {
+    let (_stop, stopped) = watch::channel(false);
+    serve_until(listener, name, hits, stopped).await
+}
+
+async fn serve_until(
+    listener: TcpListener,
+    name: String,
+    hits: Arc<AtomicUsize>,
+    stopped: watch::Receiver<bool>,
+) {
     let name: Arc<str> = name.into();
     let local = listener.local_addr().ok();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let (name, hits) = (name.clone(), hits.clone());
+        let (name, hits, mut stop) = (name.clone(), hits.clone(), stopped.clone());
+        let ws_stop = stopped.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 hits.fetch_add(1, Ordering::SeqCst);
-                let name = name.clone();
-                async move { Ok::<_, Infallible>(respond(&name, local, req)) }
+                let (name, stop) = (name.clone(), ws_stop.clone());
+                async move { Ok::<_, Infallible>(respond(&name, local, stop, req)) }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                .await;
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+            tokio::select! {
+                _ = conn => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
         });
     }
 }
@@ -58,6 +86,7 @@ pub async fn serve(listener: TcpListener, name: String, hits: Arc<AtomicUsize>) 
 fn respond(
     name: &Arc<str>,
     local: Option<SocketAddr>,
+    mut stop: watch::Receiver<bool>,
     mut req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let is_ws = req
@@ -78,7 +107,12 @@ fn respond(
             let Ok(upgraded) = upgrade.await else { return };
             let mut ws =
                 WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
-            while let Some(Ok(msg)) = ws.next().await {
+            loop {
+                let msg = tokio::select! {
+                    m = ws.next() => m,
+                    _ = stop.wait_for(|s| *s) => return,
+                };
+                let Some(Ok(msg)) = msg else { break };
                 let reply = match msg {
                     Message::Text(t) => Message::text(format!("{name}:{t}")),
                     Message::Binary(b) => Message::Binary(b),

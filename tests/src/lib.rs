@@ -9,6 +9,7 @@ pub mod apidouble;
 pub mod cluster;
 pub mod echo;
 pub mod envoy;
+pub mod kubelet;
 pub mod procs;
 pub mod stack;
 pub mod target;

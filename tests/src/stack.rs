@@ -126,8 +126,8 @@ pub async fn start_gateway(
 ) -> (Extproc, Envoy) {
     let mut flags = vec!["--domain", DOMAIN, "--namespace", &target.namespace];
     flags.extend_from_slice(extra);
-    let extproc =
-        Extproc::spawn(dir, &target.kubeconfig, grpc_port, &flags).expect("spawn extproc");
+    let kubeconfig = target.kubeconfig_for(dir, "sandgate-extproc").await;
+    let extproc = Extproc::spawn(dir, &kubeconfig, grpc_port, &flags).expect("spawn extproc");
     let ports = EnvoyPorts {
         listen_addr: "127.0.0.1".into(),
         listen_port: free_port(),

@@ -300,7 +300,11 @@ async fn restarted_extproc_is_not_ready_until_synced_then_never_502s() {
     if let Some(api) = s.target.double() {
         api.set_list_delay(Some(Duration::from_millis(1500)));
     }
-    let (kubeconfig, ns) = (s.target.kubeconfig.clone(), s.target.namespace.clone());
+    let kubeconfig = s
+        .target
+        .kubeconfig_for(s.dir.path(), "sandgate-extproc")
+        .await;
+    let ns = s.target.namespace.clone();
     s.extproc = sandgate_tests::procs::Extproc::spawn(
         s.dir.path(),
         &kubeconfig,

@@ -14,7 +14,7 @@ fn render() -> Vec<Value> {
         .args(["kustomize"])
         .arg(root.join("deploy"))
         .output()
-        .expect("kubectl (client) must be installed to render deploy/");
+        .expect("kubectl on PATH (`make test` builds it: tests/controlplane/build.sh)");
     assert!(
         out.status.success(),
         "kubectl kustomize deploy/ failed:\n{}",

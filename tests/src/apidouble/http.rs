@@ -27,6 +27,8 @@ struct Target {
     namespace: Option<String>,
     name: Option<String>,
     status: bool,
+    /// `pods/<name>/binding`: the scheduler's (here, the loopback kubelet's) placement.
+    binding: bool,
 }
 
 fn parse_path(path: &str) -> Option<Target> {
@@ -40,12 +42,15 @@ fn parse_path(path: &str) -> Option<Target> {
         ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(ns.to_string()), rest),
         _ => (None, rest),
     };
-    let (resource, name, status) = match rest {
-        [r] => (*r, None, false),
-        [r, n] => (*r, Some(n.to_string()), false),
-        [r, n, "status"] => (*r, Some(n.to_string()), true),
+    let (resource, name, sub) = match rest {
+        [r] => (*r, None, None),
+        [r, n] => (*r, Some(n.to_string()), None),
+        [r, n, sub @ ("status" | "binding")] => (*r, Some(n.to_string()), Some(*sub)),
         _ => return None,
     };
+    if sub == Some("binding") && (resource != "pods" || namespace.is_none()) {
+        return None;
+    }
     let api_version = if group.is_empty() {
         version.to_string()
     } else {
@@ -60,7 +65,8 @@ fn parse_path(path: &str) -> Option<Target> {
         api_version,
         namespace,
         name,
-        status,
+        status: sub == Some("status"),
+        binding: sub == Some("binding"),
     })
 }
 
@@ -151,6 +157,7 @@ pub async fn handle(
             ))
         }
         (&Method::GET, Some(name)) => store.get(&t.resource, &ns, name).map(|o| (200, o)),
+        (&Method::POST, Some(name)) if t.binding => parse_body().and_then(|b| bind(&store, &ns, name, &b)),
         (&Method::POST, None) => parse_body()
             .and_then(|b| store.create(&t.resource, &ns, b))
             .map(|o| (201, o)),
@@ -200,6 +207,25 @@ pub async fn handle(
 }
 
 /// Decides what a watcher with this selector sees of one change.
+/// `POST pods/<name>/binding`: sets `spec.nodeName` once, as the API server does.
+fn bind(store: &Store, ns: &str, name: &str, binding: &Value) -> Result<(u16, Value), ApiError> {
+    let node = binding["target"]["name"]
+        .as_str()
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| ApiError::new(422, "Invalid", "target.name: Required value"))?;
+    let pod = store.get("pods", ns, name)?;
+    if pod["spec"]["nodeName"].as_str().is_some_and(|n| !n.is_empty()) {
+        return Err(ApiError::new(
+            409,
+            "Conflict",
+            format!("Operation cannot be fulfilled on pods/binding \"{name}\": pod {name} is already assigned to node {}", pod["spec"]["nodeName"]),
+        ));
+    }
+    let patch = json!({"spec": {"nodeName": node}});
+    store.patch("pods", ns, name, PatchKind::Merge, &patch, false)?;
+    Ok((201, json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 201})))
+}
+
 fn visible(
     c: &Change,
     resource: &str,

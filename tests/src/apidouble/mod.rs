@@ -3,11 +3,11 @@
 //! It serves any resource at the usual REST paths (`/api/v1/...`, `/apis/<group>/<version>/...`):
 //! list and watch (resourceVersion, bookmarks, label selectors, 410 for expired versions), get,
 //! create, replace, merge and JSON patch (resourceVersion preconditions → 409, failed `test` → 422),
-//! status subresources, delete with finalizers. A small kubelet runs pods on loopback addresses.
+//! status subresources, pod binding, delete with finalizers. Pods run on the loopback kubelet
+//! ([`crate::kubelet`]), which reaches the double over HTTP as it would a real API server.
 //! Test-only knobs (a list delay, a bearer token) live here, never in the binaries.
 
 pub mod http;
-pub mod kubelet;
 pub mod selector;
 pub mod store;
 
@@ -72,23 +72,20 @@ pub struct ApiDouble {
     pub addr: SocketAddr,
     pub store: Arc<Store>,
     pub hooks: Arc<Hooks>,
-    /// Pod IPs are 127.<net>.x.y.
-    pub net: u8,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl ApiDouble {
-    /// Starts the double and its kubelet on an ephemeral port.
+    /// Starts the double on an ephemeral port.
     pub async fn start() -> std::io::Result<ApiDouble> {
-        Self::start_on("127.0.0.1:0".parse().expect("addr"), None).await
+        Self::start_on("127.0.0.1:0".parse().expect("addr")).await
     }
 
-    pub async fn start_on(addr: SocketAddr, net: Option<u8>) -> std::io::Result<ApiDouble> {
+    pub async fn start_on(addr: SocketAddr) -> std::io::Result<ApiDouble> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let store = Arc::new(Store::new());
         let hooks = Arc::new(Hooks::default());
-        let net = net.unwrap_or_else(|| rand::random_range(10..250));
         let serve = {
             let (store, hooks) = (store.clone(), hooks.clone());
             tokio::spawn(async move {
@@ -124,13 +121,11 @@ impl ApiDouble {
                 }
             })
         };
-        let kubelet = tokio::spawn(kubelet::run(store.clone(), net));
         Ok(ApiDouble {
             addr,
             store,
             hooks,
-            net,
-            tasks: vec![serve, kubelet],
+            tasks: vec![serve],
         })
     }
 

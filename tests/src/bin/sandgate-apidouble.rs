@@ -1,5 +1,6 @@
 //! The Kubernetes API double as a server of its own, for running the scenarios against an API
-//! reached only by kubeconfig (`make test-external`):
+//! reached only by kubeconfig (`tests/scenarios.sh double`). Pods run on the loopback kubelet
+//! that each scenario starts (`sandgate-kubelet` for other uses):
 //!
 //! `sandgate-apidouble <kubeconfig path>` serves on an ephemeral loopback port, writes a kubeconfig
 //! for it to the path, and runs until Ctrl-C or SIGTERM.
@@ -17,9 +18,8 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(&tmp, sandgate_tests::apidouble::kubeconfig(api.addr))?;
     std::fs::rename(&tmp, &path)?;
     eprintln!(
-        "sandgate-apidouble: serving {} (pod IPs 127.{}.x.y); kubeconfig {}",
+        "sandgate-apidouble: serving {}; kubeconfig {}",
         api.addr,
-        api.net,
         path.display()
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -1,5 +1,5 @@
-//! `make run`: a gateway you can curl, with no cluster. Starts the Kubernetes API double (with its
-//! loopback kubelet), a few demo sandboxes, sandgate-extproc and Envoy (envoy/local.yaml), prints
+//! `make run`: a gateway you can curl, with no cluster. Starts the Kubernetes API double and the
+//! loopback kubelet, a few demo sandboxes, sandgate-extproc and Envoy (envoy/local.yaml), prints
 //! working curl commands, and stops everything on Ctrl-C.
 
 use std::time::Duration;
@@ -8,6 +8,7 @@ use clap::Parser;
 use kube::api::{Api, PostParams};
 use sandgate_tests::apidouble::ApiDouble;
 use sandgate_tests::envoy::{envoy_bin, EnvoyPorts};
+use sandgate_tests::kubelet::Kubelet;
 use sandgate_tests::procs::{bin_path, eventually, get, wait_for_tcp, workspace_root};
 use sandgate_tests::stack::{client_for, sandbox_pod};
 use tokio::process::Command;
@@ -28,9 +29,10 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let run_dir = workspace_root().join(".run");
     std::fs::create_dir_all(&run_dir)?;
-    let api = ApiDouble::start_on(args.api_addr, Some(77)).await?;
+    let api = ApiDouble::start_on(args.api_addr).await?;
     let kubeconfig = api.write_kubeconfig(&run_dir)?;
     let client = client_for(&kubeconfig).await;
+    let _kubelet = Kubelet::start(client.clone(), None, "sandgate-local", 77).await?;
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), "default");
     for (name, id, port) in [
         ("demo-pod-1", "demo-1", 8080),
