@@ -110,7 +110,14 @@ pub struct Ctx {
 
 /// Publishes a Normal event on `obj`; failures are logged, never fatal.
 async fn event<K: Resource<DynamicType = ()>>(ctx: &Ctx, obj: &K, reason: &str, note: String) {
-    publish(ctx, obj, kube::runtime::events::EventType::Normal, reason, note).await
+    publish(
+        ctx,
+        obj,
+        kube::runtime::events::EventType::Normal,
+        reason,
+        note,
+    )
+    .await
 }
 
 /// Publishes a Warning event on `obj`; failures are logged, never fatal.
@@ -120,7 +127,14 @@ async fn event_warning<K: Resource<DynamicType = ()>>(
     reason: &str,
     note: String,
 ) {
-    publish(ctx, obj, kube::runtime::events::EventType::Warning, reason, note).await
+    publish(
+        ctx,
+        obj,
+        kube::runtime::events::EventType::Warning,
+        reason,
+        note,
+    )
+    .await
 }
 
 async fn publish<K: Resource<DynamicType = ()>>(

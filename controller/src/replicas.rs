@@ -135,7 +135,11 @@ mod tests {
             .collect();
         assert_eq!(
             addrs,
-            ["10.0.0.1:9002", "[fd00::1]:9002", "replica-1.example.com:9002"]
+            [
+                "10.0.0.1:9002",
+                "[fd00::1]:9002",
+                "replica-1.example.com:9002"
+            ]
         );
     }
 

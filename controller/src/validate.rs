@@ -74,8 +74,7 @@ pub fn check_pool(spec: &SandboxPoolSpec) -> Result<(), String> {
 pub fn is_invalid_object(e: &kube::core::Status) -> bool {
     e.code == 422
         && e.reason == "Invalid"
-        && e
-            .details
+        && e.details
             .as_ref()
             .is_some_and(|d| d.causes.iter().any(|c| !c.field.is_empty()))
 }
@@ -142,7 +141,10 @@ mod tests {
         assert_eq!(check_pool(&pool(json!({}))), Ok(()));
         for (extra, field) in [
             (json!({"maxPodAge": "old"}), "spec.maxPodAge"),
-            (json!({"defaultIdleTimeout": "1 hour"}), "spec.defaultIdleTimeout"),
+            (
+                json!({"defaultIdleTimeout": "1 hour"}),
+                "spec.defaultIdleTimeout",
+            ),
             (
                 json!({"template": {"metadata": {"labels": {"x": "a b"}}}}),
                 "spec.template.metadata.labels",

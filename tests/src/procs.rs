@@ -107,6 +107,22 @@ where
     }
 }
 
+/// Polls `check` for the whole of `window` and fails at once if it is ever `Err` (for "must not
+/// happen yet" assertions; the window is what is asserted, not a sleep).
+pub async fn holds<F, Fut>(window: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    let deadline = Instant::now() + window;
+    while Instant::now() < deadline {
+        if let Err(e) = check().await {
+            panic!("stopped holding before {window:?} had passed: {e}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A response as tests look at it.
 #[derive(Debug, Clone)]
 pub struct Reply {

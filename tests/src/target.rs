@@ -175,7 +175,11 @@ impl Target {
             let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
                                  "metadata": {"name": format!("{name}-{kind}")},
                                  "roleRef": role_ref, "subjects": subject});
-            create(&Api::<RoleBinding>::namespaced(self.client.clone(), ns), binding).await;
+            create(
+                &Api::<RoleBinding>::namespaced(self.client.clone(), ns),
+                binding,
+            )
+            .await;
         }
         let request = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
                              "spec": {"expirationSeconds": 7200}});
@@ -274,7 +278,9 @@ impl Drop for Target {
                         .expect("request");
                     let _ = client.request_text(req).await;
                     let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client);
-                    let _ = nodes.delete(&format!("{ns}-node"), &Default::default()).await;
+                    let _ = nodes
+                        .delete(&format!("{ns}-node"), &Default::default())
+                        .await;
                 }
             });
         });
@@ -306,7 +312,6 @@ pub fn rbac_documents() -> Vec<Value> {
         .filter(|d| !d.is_null())
         .collect()
 }
-
 
 /// `admin`'s kubeconfig with its user's credential replaced by `token`.
 pub fn token_kubeconfig(admin: &Path, token: &str) -> String {

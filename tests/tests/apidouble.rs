@@ -6,14 +6,19 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher::{self, watcher, Event};
 use sandgate_tests::apidouble::ApiDouble;
+use sandgate_tests::kubelet::Kubelet;
 use sandgate_tests::stack::{client_for, sandbox_pod};
 use serde_json::json;
 
-async fn setup() -> (ApiDouble, tempfile::TempDir, Api<Pod>) {
+/// The double, with the loopback kubelet running the `default` namespace's pods.
+async fn setup() -> ((ApiDouble, Kubelet), tempfile::TempDir, Api<Pod>) {
     let api = ApiDouble::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let client = client_for(&api.write_kubeconfig(dir.path()).unwrap()).await;
-    (api, dir, Api::namespaced(client, "default"))
+    let kubelet = Kubelet::start(client.clone(), Some("default"), "node", 201)
+        .await
+        .unwrap();
+    ((api, kubelet), dir, Api::namespaced(client, "default"))
 }
 
 fn status_code(e: kube::Error) -> u16 {
@@ -212,7 +217,7 @@ async fn delete_with_a_stale_resource_version_is_a_409() {
 
 #[tokio::test]
 async fn deleting_a_namespace_deletes_what_is_in_it() {
-    let (api, _d, default_pods) = setup().await;
+    let ((api, _kubelet), _d, default_pods) = setup().await;
     let dir = tempfile::tempdir().unwrap();
     let client = client_for(&api.write_kubeconfig(dir.path()).unwrap()).await;
     let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());

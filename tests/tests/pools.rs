@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use sandgate_controller::crd::{ClaimPhase, SandboxClaim, SandboxPool};
 use sandgate_tests::cluster::Cluster;
-use sandgate_tests::procs::eventually;
+use sandgate_tests::procs::{eventually, holds};
 use sandgate_tests::target::echo_container;
 use serde_json::json;
 
@@ -236,9 +236,10 @@ async fn a_failed_pod_is_replaced() {
         .name
         .clone()
         .unwrap();
-    let failed = json!({"status": {"phase": "Failed", "conditions": [{"type": "Ready", "status": "False"}]}});
+    // Its container exits (the loopback kubelet reports it as a node would).
+    let exit = json!({"metadata": {"annotations": {"kubelet.sandgate.dev/exit": "Error:1"}}});
     c.pods()
-        .patch_status(&victim, &PatchParams::default(), &Patch::Merge(&failed))
+        .patch(&victim, &PatchParams::default(), &Patch::Merge(&exit))
         .await
         .unwrap();
     until_gone(&c.pods(), &victim, 10 * SEC).await;
@@ -405,4 +406,52 @@ async fn idle_pods_past_max_pod_age_are_replaced_and_claimed_ones_stay() {
         c.get(0, &format!("{id}.sandbox.localhost")).await.status,
         200
     );
+}
+
+#[tokio::test]
+async fn a_claim_the_api_server_would_refuse_fails_with_a_reason_and_is_not_retried() {
+    let c = cluster().await;
+    create_pool(&c, "strict", 1, "1h").await;
+    until_available(&c, "strict", 1, 30 * SEC).await;
+    // Valid in the CRD's schema (a map of strings), not as pod labels.
+    let cl: SandboxClaim = serde_json::from_value(json!({
+        "apiVersion": "sandgate.dev/v1alpha1", "kind": "SandboxClaim",
+        "metadata": {"name": "bad"},
+        "spec": {"poolName": "strict", "labels": {"team": "not a label value"}},
+    }))
+    .unwrap();
+    claims(&c)
+        .create(&PostParams::default(), &cl)
+        .await
+        .unwrap();
+    until_claim(&c, "bad", ClaimPhase::Failed, 10 * SEC).await;
+    let failed = claims(&c).get("bad").await.unwrap();
+    let cond = failed.status.clone().unwrap().conditions[0].clone();
+    assert_eq!(
+        (
+            cond.type_.as_str(),
+            cond.status.as_str(),
+            cond.reason.as_str()
+        ),
+        ("Bound", "False", "InvalidSpec")
+    );
+    assert!(
+        cond.message.contains("spec.labels[team]"),
+        "{}",
+        cond.message
+    );
+    // Settled: no write to the claim, and the warm pod stays untouched.
+    let rv = failed.metadata.resource_version.clone();
+    holds(3 * SEC, || async {
+        let now = claims(&c).get("bad").await.map_err(|e| e.to_string())?;
+        let idle = phase_pods(&c, "strict", "idle").await.len();
+        if now.metadata.resource_version != rv {
+            return Err("the failed claim is still being written".into());
+        }
+        if idle != 1 {
+            return Err(format!("{idle} idle pods"));
+        }
+        Ok(())
+    })
+    .await;
 }

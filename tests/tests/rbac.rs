@@ -52,7 +52,11 @@ fn url(ns: &str, path: &str) -> String {
 
 /// Sends `call` as `client`; returns the HTTP status.
 async fn status(client: &kube::Client, ns: &str, call: &Call) -> u16 {
-    let body = call.body.as_ref().map(|b| b.to_string()).unwrap_or_default();
+    let body = call
+        .body
+        .as_ref()
+        .map(|b| b.to_string())
+        .unwrap_or_default();
     let content_type = if call.method == "PATCH" {
         "application/merge-patch+json"
     } else {
@@ -147,25 +151,34 @@ async fn each_service_account_is_refused_what_it_must_not_do_on_real_api() {
         },
         deny("GET", "pods/probe/log"),
         Call {
-            body: Some(json!({"apiVersion": "sandgate.dev/v1alpha1", "kind": "SandboxPool",
-                              "metadata": {"name": "p"}, "spec": {}})),
+            body: Some(
+                json!({"apiVersion": "sandgate.dev/v1alpha1", "kind": "SandboxPool",
+                              "metadata": {"name": "p"}, "spec": {}}),
+            ),
             ..deny("POST", "sandgate.dev/v1alpha1:sandboxpools")
         },
         deny("DELETE", "sandgate.dev/v1alpha1:sandboxpools/p"),
         Call {
-            body: Some(json!({"apiVersion": "sandgate.dev/v1alpha1", "kind": "SandboxClaim",
-                              "metadata": {"name": "c"}, "spec": {"poolName": "p"}})),
+            body: Some(
+                json!({"apiVersion": "sandgate.dev/v1alpha1", "kind": "SandboxClaim",
+                              "metadata": {"name": "c"}, "spec": {"poolName": "p"}}),
+            ),
             ..deny("POST", "sandgate.dev/v1alpha1:sandboxclaims")
         },
         deny("DELETE", "sandgate.dev/v1alpha1:sandboxclaims/c"),
-        deny("DELETE", "coordination.k8s.io/v1:leases/sandgate-controller"),
+        deny(
+            "DELETE",
+            "coordination.k8s.io/v1:leases/sandgate-controller",
+        ),
         deny("GET", "/api/v1/nodes"),
         deny("GET", "/api/v1/namespaces"),
         Call {
-            body: Some(json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            body: Some(
+                json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
                               "metadata": {"name": "escalate"},
                               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
-                              "subjects": [{"kind": "ServiceAccount", "name": "sandgate-controller", "namespace": t.namespace}]})),
+                              "subjects": [{"kind": "ServiceAccount", "name": "sandgate-controller", "namespace": t.namespace}]}),
+            ),
             ..deny("POST", "rbac.authorization.k8s.io/v1:rolebindings")
         },
     ];
@@ -216,7 +229,11 @@ async fn the_server_refuses_what_the_crd_schemas_forbid_on_real_api() {
     let claims: Api<SandboxClaim> = t.api();
     let create = |api_version: &str, kind: &str, name: &str, spec: Value| {
         let body = json!({"apiVersion": api_version, "kind": kind, "metadata": {"name": name}, "spec": spec});
-        let plural = if kind == "SandboxPool" { "sandboxpools" } else { "sandboxclaims" };
+        let plural = if kind == "SandboxPool" {
+            "sandboxpools"
+        } else {
+            "sandboxclaims"
+        };
         let req = http::Request::post(format!(
             "/apis/sandgate.dev/v1alpha1/namespaces/{}/{plural}",
             t.namespace
@@ -283,7 +300,9 @@ async fn kubectl_shows_the_printer_columns_on_real_api() {
             .args(["-n", &t.namespace])
             .args(args)
             .output()
-            .expect("kubectl (tests/controlplane/build.sh builds it; scenarios.sh puts it on PATH)");
+            .expect(
+                "kubectl (tests/controlplane/build.sh builds it; scenarios.sh puts it on PATH)",
+            );
         assert!(
             out.status.success(),
             "kubectl {args:?}: {}",
@@ -298,7 +317,12 @@ async fn kubectl_shows_the_printer_columns_on_real_api() {
     std::fs::write(&file, pool.to_string()).unwrap();
     kubectl(&["create", "-f", file.to_str().unwrap()]);
     let pools = kubectl(&["get", "sandboxpools"]);
-    let header: Vec<&str> = pools.lines().next().unwrap_or_default().split_whitespace().collect();
+    let header: Vec<&str> = pools
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
     assert_eq!(
         header,
         ["NAME", "REPLICAS", "AVAILABLE", "CLAIMED", "READY", "AGE"],
@@ -309,10 +333,34 @@ async fn kubectl_shows_the_printer_columns_on_real_api() {
     std::fs::write(&file, claim.to_string()).unwrap();
     kubectl(&["create", "-f", file.to_str().unwrap()]);
     let claims = kubectl(&["get", "sandboxclaims"]);
-    let header: Vec<&str> = claims.lines().next().unwrap_or_default().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "POOL", "PHASE", "SANDBOX", "AGE"], "{claims}");
-    assert!(claims.lines().nth(1).is_some_and(|l| l.starts_with("cols ")), "{claims}");
+    let header: Vec<&str> = claims
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        ["NAME", "POOL", "PHASE", "SANDBOX", "AGE"],
+        "{claims}"
+    );
+    assert!(
+        claims
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.starts_with("cols ")),
+        "{claims}"
+    );
     let wide = kubectl(&["get", "sandboxclaims", "-o", "wide"]);
-    let header: Vec<&str> = wide.lines().next().unwrap_or_default().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "POOL", "PHASE", "SANDBOX", "URL", "AGE"], "{wide}");
+    let header: Vec<&str> = wide
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        ["NAME", "POOL", "PHASE", "SANDBOX", "URL", "AGE"],
+        "{wide}"
+    );
 }

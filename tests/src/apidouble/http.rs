@@ -157,7 +157,9 @@ pub async fn handle(
             ))
         }
         (&Method::GET, Some(name)) => store.get(&t.resource, &ns, name).map(|o| (200, o)),
-        (&Method::POST, Some(name)) if t.binding => parse_body().and_then(|b| bind(&store, &ns, name, &b)),
+        (&Method::POST, Some(name)) if t.binding => {
+            parse_body().and_then(|b| bind(&store, &ns, name, &b))
+        }
         (&Method::POST, None) => parse_body()
             .and_then(|b| store.create(&t.resource, &ns, b))
             .map(|o| (201, o)),
@@ -214,7 +216,10 @@ fn bind(store: &Store, ns: &str, name: &str, binding: &Value) -> Result<(u16, Va
         .filter(|n| !n.is_empty())
         .ok_or_else(|| ApiError::new(422, "Invalid", "target.name: Required value"))?;
     let pod = store.get("pods", ns, name)?;
-    if pod["spec"]["nodeName"].as_str().is_some_and(|n| !n.is_empty()) {
+    if pod["spec"]["nodeName"]
+        .as_str()
+        .is_some_and(|n| !n.is_empty())
+    {
         return Err(ApiError::new(
             409,
             "Conflict",
@@ -223,7 +228,10 @@ fn bind(store: &Store, ns: &str, name: &str, binding: &Value) -> Result<(u16, Va
     }
     let patch = json!({"spec": {"nodeName": node}});
     store.patch("pods", ns, name, PatchKind::Merge, &patch, false)?;
-    Ok((201, json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 201})))
+    Ok((
+        201,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 201}),
+    ))
 }
 
 fn visible(

@@ -212,9 +212,7 @@ pub fn status_patch(pod: &Pod, behaviour: &Behaviour, ip: &str, started: &str, n
             s
         })
         .collect();
-    let condition = |type_: &str, status: bool| {
-        json!({"type": type_, "status": flag(status), "lastTransitionTime": now})
-    };
+    let condition = |type_: &str, status: bool| json!({"type": type_, "status": flag(status), "lastTransitionTime": now});
     let mut status = json!({
         "phase": want.phase,
         "hostIP": "127.0.0.1",
@@ -248,6 +246,9 @@ pub fn unschedulable_patch(message: &str, now: &str) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const T0: &str = "2026-12-01T10:00:00Z";
+    const T1: &str = "2026-12-01T10:00:05Z";
 
     fn pod(annotations: &[(&str, &str)]) -> Pod {
         let annotations: serde_json::Map<String, Value> = annotations
@@ -330,12 +331,12 @@ mod tests {
             },
         ] {
             let mut p = pod(&[]);
-            let patch = status_patch(&p, &b, "127.1.0.2", "t0", "t1");
+            let patch = status_patch(&p, &b, "127.1.0.2", T0, T1);
             p.status = Some(serde_json::from_value(patch["status"].clone()).unwrap());
             assert_eq!(current(&p), wanted(&p, &b, "127.1.0.2"), "{b:?}");
         }
         let mut p = pod(&[]);
-        let patch = status_patch(&p, &Behaviour::Run { ready: true }, "127.1.0.2", "t", "t");
+        let patch = status_patch(&p, &Behaviour::Run { ready: true }, "127.1.0.2", T0, T0);
         p.status = Some(serde_json::from_value(patch["status"].clone()).unwrap());
         assert_ne!(
             current(&p),
