@@ -145,6 +145,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 .all(|s| s.wait_until_ready().now_or_never().is_some())
         }),
         before_scrape: Box::new(|| {}),
+        extra: None,
     });
     let admin_task = tokio::spawn(admin::serve(listener, admin_state, shutdown.clone()));
     let limiter = Arc::new(tick::RateLimiter::new(config.write_rate));

@@ -120,6 +120,14 @@ impl ActivityTable {
         self.mark_changed(key, a);
     }
 
+    /// Long-lived streams the sandbox has open on this replica.
+    pub fn open_streams(&self, id: &str) -> u32 {
+        self.entries
+            .pin()
+            .get(id)
+            .map_or(0, |a| a.open_streams.load(SeqCst))
+    }
+
     /// Forgets a sandbox (released or deleted).
     pub fn remove(&self, id: &str) -> bool {
         self.entries.pin().remove(id).is_some()

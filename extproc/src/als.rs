@@ -2,15 +2,15 @@
 //! outlive their ext_proc stream (WebSockets, SSE, long polls).
 //!
 //! With `access_log_flush_interval`, Envoy sends a DownstreamPeriodic entry for every open stream
-//! each interval and a DownstreamEnd entry when it ends. Each entry touches its sandbox; periodic
-//! entries mark the stream open, the end entry closes it. The sandbox ID comes from the dynamic
-//! metadata sandgate-extproc set on the request, never from the request itself. Streams are counted
-//! per Envoy connection: when an Envoy goes away, or a stream is not refreshed within the expiry,
-//! its streams are closed.
+//! each interval and a DownstreamEnd entry when it ends (every upgrade, and every request that
+//! lived 500 ms or more). Each entry touches its sandbox; periodic entries keep the stream open in
+//! the [`StreamTable`] (where ext_proc already opened upgrades at their start), the end entry
+//! closes it. The sandbox ID comes from the dynamic metadata sandgate-extproc set on the request,
+//! never from the request itself. When an Envoy goes away, the streams it reported are closed; a
+//! stream not refreshed within the expiry is closed too.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
 
 use envoy_types::pb::envoy::data::accesslog::v3::{AccessLogType, HttpAccessLogEntry};
 use envoy_types::pb::envoy::service::accesslog::v3::{
@@ -26,13 +26,13 @@ use crate::grpc::{METADATA_NAMESPACE, METADATA_SANDBOX_ID};
 use crate::index::SandboxKey;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
+use crate::streams::StreamTable;
 
 #[derive(Clone)]
 pub struct AccessLogs {
     pub activity: Arc<ActivityTable>,
+    pub streams: Arc<StreamTable>,
     pub metrics: Metrics,
-    /// An open stream with no periodic entry for this long is taken as closed.
-    pub stream_expiry: Duration,
     /// Ends every access-log stream, so graceful shutdown does not wait on them forever.
     pub shutdown: Shutdown,
 }
@@ -43,9 +43,9 @@ impl AccessLogs {
     }
 }
 
-/// Open streams seen on one Envoy connection: stream ID → (sandbox, last seen in ms).
+/// The open streams one Envoy connection has reported, closed when it goes away.
 #[derive(Default)]
-pub struct OpenStreams(HashMap<String, (SandboxKey, i64)>);
+pub struct OpenStreams(HashSet<(SandboxKey, String)>);
 
 #[tonic::async_trait]
 impl AccessLogService for AccessLogs {
@@ -67,7 +67,7 @@ impl AccessLogService for AccessLogs {
                             self.apply(entry, &mut open);
                         }
                     }
-                    self.expire(&mut open);
+                    self.streams.expire();
                 }
                 Ok(None) => break,
                 Err(status) => {
@@ -77,8 +77,8 @@ impl AccessLogService for AccessLogs {
             }
         }
         // That Envoy is gone: nothing it had open is known to be open any more.
-        for (_, (key, _)) in open.0.drain() {
-            self.activity.stream_delta(key, false);
+        for (key, id) in open.0.drain() {
+            self.streams.ended(key, &id);
         }
         Ok(Response::new(StreamAccessLogsResponse {}))
     }
@@ -92,42 +92,24 @@ impl AccessLogs {
         };
         let Some(key) = sandbox_of(entry) else { return };
         self.metrics.access_log_entries.inc();
-        let stream = if common.stream_id.is_empty() {
-            entry
-                .request
-                .as_ref()
-                .map(|r| r.request_id.as_str())
-                .unwrap_or_default()
-        } else {
-            common.stream_id.as_str()
+        // The request ID is what ext_proc saw (x-request-id) when it opened an upgrade.
+        let stream = match entry.request.as_ref().map(|r| r.request_id.as_str()) {
+            Some(id) if !id.is_empty() => id,
+            _ => common.stream_id.as_str(),
         };
-        let now = self.activity.now_ms();
         match AccessLogType::try_from(common.access_log_type) {
             Ok(AccessLogType::DownstreamPeriodic) if !stream.is_empty() => {
-                if let Some(s) = open.0.get_mut(stream) {
-                    s.1 = now;
-                    self.activity.touch_at(key, now);
-                } else {
-                    open.0.insert(stream.to_string(), (key, now));
-                    self.activity.stream_delta(key, true);
+                self.streams.seen(key, stream);
+                open.0.insert((key, stream.to_string()));
+            }
+            Ok(AccessLogType::DownstreamEnd) if !stream.is_empty() => {
+                open.0.remove(&(key, stream.to_string()));
+                if !self.streams.ended(key, stream) {
+                    self.activity.touch(key);
                 }
             }
-            Ok(AccessLogType::DownstreamEnd) if open.0.remove(stream).is_some() => {
-                self.activity.stream_delta(key, false);
-            }
-            _ => self.activity.touch_at(key, now),
+            _ => self.activity.touch(key),
         }
-    }
-
-    fn expire(&self, open: &mut OpenStreams) {
-        let cutoff = self.activity.now_ms() - self.stream_expiry.as_millis() as i64;
-        open.0.retain(|_, (key, seen)| {
-            let keep = *seen >= cutoff;
-            if !keep {
-                self.activity.stream_delta(*key, false);
-            }
-            keep
-        });
     }
 }
 
@@ -172,14 +154,19 @@ mod tests {
         }
     }
 
-    fn logs() -> AccessLogs {
+    fn logs_expiring_after(expiry: std::time::Duration) -> AccessLogs {
         let mut reg = prometheus_client::registry::Registry::default();
+        let activity = Arc::new(ActivityTable::new());
         AccessLogs {
-            activity: Arc::new(ActivityTable::new()),
+            streams: Arc::new(StreamTable::new(activity.clone(), expiry)),
+            activity,
             metrics: Metrics::new(&mut reg),
-            stream_expiry: Duration::from_secs(60),
             shutdown: crate::shutdown::channel().1,
         }
+    }
+
+    fn logs() -> AccessLogs {
+        logs_expiring_after(std::time::Duration::from_secs(60))
     }
 
     fn open_streams(l: &AccessLogs, id: &str) -> u32 {
@@ -246,15 +233,36 @@ mod tests {
 
     #[test]
     fn unrefreshed_streams_expire() {
-        let mut l = logs();
-        l.stream_expiry = Duration::ZERO;
+        let l = logs_expiring_after(std::time::Duration::ZERO);
         let mut open = OpenStreams::default();
         l.apply(
             &entry(Some("ws"), "s1", AccessLogType::DownstreamPeriodic),
             &mut open,
         );
-        std::thread::sleep(Duration::from_millis(5));
-        l.expire(&mut open);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        l.streams.expire();
+        assert_eq!(open_streams(&l, "ws"), 0);
+    }
+
+    #[test]
+    fn an_upgrade_opened_by_ext_proc_is_closed_by_its_end_entry() {
+        let l = logs();
+        let mut open = OpenStreams::default();
+        l.streams.seen(SandboxKey::new("ws").unwrap(), "s1");
+        assert_eq!(open_streams(&l, "ws"), 1);
+        l.apply(
+            &entry(Some("ws"), "s1", AccessLogType::DownstreamPeriodic),
+            &mut open,
+        );
+        assert_eq!(
+            open_streams(&l, "ws"),
+            1,
+            "the periodic entry is the same stream"
+        );
+        l.apply(
+            &entry(Some("ws"), "s1", AccessLogType::DownstreamEnd),
+            &mut open,
+        );
         assert_eq!(open_streams(&l, "ws"), 0);
     }
 }

@@ -64,6 +64,26 @@ pub struct Config {
     #[arg(long, env = "SANDGATE_STREAM_EXPIRY", default_value = "120s", value_parser = parse_duration)]
     pub stream_expiry: Duration,
 
+    /// Most long-lived streams (WebSockets, SSE, long polls) one sandbox may hold open on this
+    /// replica. A new upgrade beyond it is answered at once with a 429 JSON error and
+    /// `retry-after`, so one sandbox cannot use up the gateway; other requests are unaffected.
+    #[arg(long, env = "SANDGATE_MAX_STREAMS_PER_SANDBOX", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams_per_sandbox: u32,
+
+    /// Envoy's admin address in the same pod, used by `/drain` and `/ready/envoy`.
+    #[arg(long, env = "SANDGATE_ENVOY_ADMIN", default_value = "127.0.0.1:9901")]
+    pub envoy_admin: SocketAddr,
+
+    /// On `/drain`: how long Envoy keeps serving new requests after turning unready (time for the
+    /// Service's endpoints to drop the pod).
+    #[arg(long, env = "SANDGATE_DRAIN_DELAY", default_value = "5s", value_parser = parse_duration)]
+    pub drain_delay: Duration,
+
+    /// On `/drain`: the longest wait for Envoy's client connections to close. Keep delay plus
+    /// timeout below the pod's terminationGracePeriodSeconds.
+    #[arg(long, env = "SANDGATE_DRAIN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
     /// Log format: text or json.
     #[arg(long, env = "SANDGATE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,

@@ -21,6 +21,10 @@ pub enum Decision<'a> {
     NotFound {
         id: Cow<'a, str>,
     },
+    /// The sandbox's containers have exited: 502, "not running".
+    Terminated {
+        id: Cow<'a, str>,
+    },
     /// Claimed but not serving yet: 503 with `retry-after`.
     NotReady {
         id: Cow<'a, str>,
@@ -28,6 +32,11 @@ pub enum Decision<'a> {
     /// The index has no entry and the API could not be asked: 503 with `retry-after`.
     LookupFailed {
         id: Cow<'a, str>,
+    },
+    /// The sandbox already holds the most long-lived streams allowed: 429 with `retry-after`.
+    TooManyStreams {
+        id: Cow<'a, str>,
+        open: u32,
     },
     BadRequest(AddressError),
     /// The address names no port and neither the pod nor the config has a default: 400.
@@ -41,8 +50,10 @@ impl Decision<'_> {
         match self {
             Decision::Route { .. } => Outcome::routed,
             Decision::NotFound { .. } => Outcome::not_found,
+            Decision::Terminated { .. } => Outcome::terminated,
             Decision::NotReady { .. } => Outcome::not_ready,
             Decision::LookupFailed { .. } => Outcome::lookup_failed,
+            Decision::TooManyStreams { .. } => Outcome::too_many_streams,
             Decision::BadRequest(_) | Decision::NoPort { .. } => Outcome::bad_request,
         }
     }
@@ -73,6 +84,7 @@ pub fn decide<'a>(
             }
         }
         (RouteState::Running | RouteState::NotReady, _) => Decision::NotReady { id },
+        (RouteState::Terminated, _) => Decision::Terminated { id },
         (RouteState::Gone, _) => Decision::NotFound { id },
     }
 }
@@ -138,6 +150,11 @@ mod tests {
         assert!(matches!(
             decide(addr(Some(1)), gone, None),
             Decision::NotFound { .. }
+        ));
+        let exited = found(RouteState::Terminated, Some("10.0.0.1"), Some(80));
+        assert!(matches!(
+            decide(addr(Some(1)), exited, None),
+            Decision::Terminated { .. }
         ));
     }
 }

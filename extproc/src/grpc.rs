@@ -22,7 +22,9 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 };
 use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
 use futures::Stream;
-use sandgate_shared::address::{AddressConfig, RequestParts, HEADER_ID, HEADER_PORT};
+use sandgate_shared::address::{
+    AddressConfig, RequestParts, E2B_HEADER_ID, E2B_HEADER_PORT, HEADER_ID, HEADER_PORT,
+};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::activity::ActivityTable;
@@ -30,6 +32,7 @@ use crate::decision::{decide, Decision};
 use crate::index::SandboxKey;
 use crate::metrics::Metrics;
 use crate::resolver::Resolver;
+use crate::streams::StreamTable;
 
 /// Dynamic-metadata namespace read by the ORIGINAL_DST cluster.
 pub const METADATA_NAMESPACE: &str = "envoy.lb";
@@ -37,6 +40,10 @@ pub const METADATA_NAMESPACE: &str = "envoy.lb";
 pub const METADATA_KEY: &str = "x-sandbox-destination";
 /// Key inside it holding the sandbox ID, read back from Envoy's access logs.
 pub const METADATA_SANDBOX_ID: &str = "sandbox-id";
+/// Key inside it holding the destination port, for Envoy's own JSON answers ("port not open").
+pub const METADATA_PORT: &str = "port";
+/// Marks sandgate's own answers, so Envoy's local-reply mappers leave their JSON bodies alone.
+pub const METADATA_REPLY: &str = "sandgate-reply";
 /// Seconds clients are told to wait on a 503.
 const RETRY_AFTER_SECS: &[u8] = b"1";
 
@@ -47,6 +54,9 @@ pub struct Router {
     pub default_port: Option<u16>,
     pub metrics: Metrics,
     pub activity: Arc<ActivityTable>,
+    /// Upgrades are opened here at their start; the access-log stream refreshes and closes them.
+    pub streams: Arc<StreamTable>,
+    pub max_streams_per_sandbox: u32,
 }
 
 #[derive(Clone)]
@@ -115,6 +125,9 @@ impl Router {
         let start = Instant::now();
         let mut parts = RequestParts::default();
         let mut remove = Removals::default();
+        // A WebSocket (HTTP/1.1 upgrade or HTTP/2 extended CONNECT) lives until its end entry.
+        let mut upgrade = false;
+        let mut request_id: &[u8] = b"";
         for h in headers.headers.iter().flat_map(|m| m.headers.iter()) {
             let v = if h.raw_value.is_empty() {
                 h.value.as_bytes()
@@ -124,6 +137,8 @@ impl Router {
             match h.key.as_str() {
                 ":authority" => parts.authority = v,
                 ":path" => parts.path = v,
+                "upgrade" | ":protocol" => upgrade = true,
+                "x-request-id" => request_id = v,
                 HEADER_ID => {
                     parts.header_id = Some(v);
                     remove.id = true;
@@ -132,25 +147,66 @@ impl Router {
                     parts.header_port = Some(v);
                     remove.port = true;
                 }
+                // The E2B SDK's names (sent when E2B_SANDBOX_URL points at one gateway); ours win
+                // when both are sent. Both are stripped.
+                E2B_HEADER_ID => {
+                    parts.e2b_header_id = Some(v);
+                    remove.e2b_id = true;
+                }
+                E2B_HEADER_PORT => {
+                    parts.e2b_header_port = Some(v);
+                    remove.e2b_port = true;
+                }
                 _ => {}
             }
         }
-        let decision = match self.addresses.parse(parts) {
+        let mut decision = match self.addresses.parse(parts) {
             Ok(addr) => {
                 let resolved = self.resolver.resolve(&addr.id).await;
                 decide(addr, resolved, self.default_port)
             }
             Err(e) => Decision::BadRequest(e),
         };
-        self.metrics.outcome(decision.outcome()).inc();
         if let Decision::Route { id, .. } = &decision {
             if let Some(key) = SandboxKey::new(id) {
-                self.activity.touch(key);
+                if upgrade {
+                    decision = self.open_stream(key, request_id, decision);
+                } else {
+                    self.activity.touch(key);
+                }
             }
         }
+        self.metrics.outcome(decision.outcome()).inc();
         let reply = encode(decision, remove);
         self.metrics.decision_seconds.observe(start.elapsed());
         reply
+    }
+}
+
+impl Router {
+    /// Opens a long-lived stream for a routed upgrade, or refuses it when the sandbox already
+    /// holds its most.
+    fn open_stream<'a>(
+        &self,
+        key: SandboxKey,
+        request_id: &[u8],
+        route: Decision<'a>,
+    ) -> Decision<'a> {
+        let open = self.activity.open_streams(key.as_str());
+        if open >= self.max_streams_per_sandbox {
+            return Decision::TooManyStreams {
+                id: key.as_str().to_string().into(),
+                open,
+            };
+        }
+        match std::str::from_utf8(request_id) {
+            Ok(id) if !id.is_empty() => {
+                self.streams.seen(key, id);
+            }
+            // No request ID to match its end with: the access log's periodic entries count it.
+            _ => self.activity.touch(key),
+        }
+        route
     }
 }
 
@@ -159,43 +215,74 @@ impl Router {
 struct Removals {
     id: bool,
     port: bool,
+    e2b_id: bool,
+    e2b_port: bool,
 }
 
 fn encode(decision: Decision<'_>, remove: Removals) -> ProcessingResponse {
+    use serde_json::json;
     match decision {
         Decision::Route {
             id,
             dest,
             rewritten_path,
-        } => route_reply(&id, dest.to_string(), rewritten_path.as_deref(), remove),
+        } => route_reply(
+            &id,
+            dest.to_string(),
+            dest.port(),
+            rewritten_path.as_deref(),
+            remove,
+        ),
+        // E2B SDKs read a 502 whose message says "was not found" as "the sandbox is not running".
         Decision::NotFound { id } => immediate(
             502,
             "sandgate_sandbox_not_found",
-            serde_json::json!({"error": "sandbox not found", "sandbox_id": id}),
+            json!({"code": 502, "error": "sandbox not found", "sandbox_id": id,
+                   "message": format!("The sandbox {id} was not found")}),
+            false,
+        ),
+        Decision::Terminated { id } => immediate(
+            502,
+            "sandgate_sandbox_terminated",
+            json!({"code": 502, "error": "sandbox not running", "sandbox_id": id,
+                   "message": format!("The sandbox {id} was not found: its container has exited")}),
             false,
         ),
         Decision::NotReady { id } => immediate(
             503,
             "sandgate_sandbox_not_ready",
-            serde_json::json!({"error": "sandbox not ready", "sandbox_id": id}),
+            json!({"code": 503, "error": "sandbox not ready", "sandbox_id": id,
+                   "message": format!("The sandbox {id} is not ready yet; retry")}),
             true,
         ),
         Decision::LookupFailed { id } => immediate(
             503,
             "sandgate_lookup_failed",
-            serde_json::json!({"error": "sandbox lookup failed, retry", "sandbox_id": id}),
+            json!({"code": 503, "error": "sandbox lookup failed, retry", "sandbox_id": id,
+                   "message": format!("The sandbox {id} could not be looked up; retry")}),
             true,
         ),
         Decision::BadRequest(e) => immediate(
             400,
             "sandgate_bad_address",
-            serde_json::json!({"error": e.to_string(), "reason": e.label()}),
+            json!({"code": 400, "error": e.to_string(), "reason": e.label(),
+                   "message": e.to_string()}),
             false,
+        ),
+        Decision::TooManyStreams { id, open } => immediate(
+            429,
+            "sandgate_too_many_streams",
+            json!({"code": 429, "error": "too many open streams", "sandbox_id": id,
+                   "open_streams": open,
+                   "message": format!("The sandbox {id} has {open} streams open, the most allowed; close one and retry")}),
+            true,
         ),
         Decision::NoPort { id } => immediate(
             400,
             "sandgate_no_port",
-            serde_json::json!({"error": "no port in the address and no default port for this sandbox", "sandbox_id": id}),
+            json!({"code": 400, "error": "no port in the address and no default port for this sandbox",
+                   "sandbox_id": id,
+                   "message": format!("The sandbox {id} has no default port: name one in the address")}),
             false,
         ),
     }
@@ -204,6 +291,7 @@ fn encode(decision: Decision<'_>, remove: Removals) -> ProcessingResponse {
 fn route_reply(
     id: &str,
     dest: String,
+    port: u16,
     rewritten_path: Option<&str>,
     remove: Removals,
 ) -> ProcessingResponse {
@@ -214,16 +302,10 @@ fn route_reply(
                 METADATA_SANDBOX_ID.to_string(),
                 string_value(id.to_string()),
             ),
+            (METADATA_PORT.to_string(), string_value(port.to_string())),
         ]),
     };
-    let metadata = Struct {
-        fields: HashMap::from([(
-            METADATA_NAMESPACE.to_string(),
-            Value {
-                kind: Some(Kind::StructValue(lb)),
-            },
-        )]),
-    };
+    let metadata = namespaced(lb);
     let mut mutation = HeaderMutation::default();
     if let Some(path) = rewritten_path {
         mutation
@@ -235,6 +317,12 @@ fn route_reply(
     }
     if remove.port {
         mutation.remove_headers.push(HEADER_PORT.to_string());
+    }
+    if remove.e2b_id {
+        mutation.remove_headers.push(E2B_HEADER_ID.to_string());
+    }
+    if remove.e2b_port {
+        mutation.remove_headers.push(E2B_HEADER_PORT.to_string());
     }
     let has_mutation = !mutation.set_headers.is_empty() || !mutation.remove_headers.is_empty();
     ProcessingResponse {
@@ -264,7 +352,11 @@ fn immediate(
             .set_headers
             .push(set_header("retry-after", RETRY_AFTER_SECS));
     }
+    let marker = Struct {
+        fields: HashMap::from([(METADATA_REPLY.to_string(), string_value("1".into()))]),
+    };
     ProcessingResponse {
+        dynamic_metadata: Some(namespaced(marker)),
         response: Some(Resp::ImmediateResponse(ImmediateResponse {
             status: Some(HttpStatus {
                 code: i32::from(status),
@@ -275,6 +367,18 @@ fn immediate(
             ..Default::default()
         })),
         ..Default::default()
+    }
+}
+
+/// `fields` under the `envoy.lb` namespace, as Envoy expects dynamic metadata.
+fn namespaced(fields: Struct) -> Struct {
+    Struct {
+        fields: HashMap::from([(
+            METADATA_NAMESPACE.to_string(),
+            Value {
+                kind: Some(Kind::StructValue(fields)),
+            },
+        )]),
     }
 }
 

@@ -67,11 +67,15 @@ impl std::fmt::Debug for SandboxKey {
 /// Whether a sandbox's pod may take traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouteState {
-    /// `phase=running` with a pod IP: routable.
+    /// The contract's `phase=running`, a pod IP, `status.phase` Running and the Ready condition
+    /// True, not being deleted: routable.
     Running,
-    /// Claimed but not yet serving (`starting`, or running without an IP yet): 503.
+    /// Claimed but not serving (`starting`, no IP yet, not Running, or not Ready): 503.
     NotReady,
-    /// Released, failed or otherwise gone: treated as unknown (502).
+    /// Its containers have exited (`status.phase` Failed or Succeeded). The pod keeps its IP in
+    /// its status while Kubernetes hands that IP to other pods, so it is never routed: 502.
+    Terminated,
+    /// Released or being deleted: treated as unknown (502).
     Gone,
 }
 
@@ -119,9 +123,17 @@ pub fn route_from_pod(
         .and_then(|s| s.pod_ip.as_deref())
         .and_then(|ip| ip.parse::<IpAddr>().ok());
     let deleting = meta.deletion_timestamp.is_some();
+    let status = pod.status.as_ref();
+    let pod_phase = status.and_then(|s| s.phase.as_deref());
+    let ready = status
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
     let state = match phase {
         _ if deleting => RouteState::Gone,
-        Some(Phase::Running) if ip.is_some() => RouteState::Running,
+        _ if matches!(pod_phase, Some("Failed" | "Succeeded")) => RouteState::Terminated,
+        Some(Phase::Running) if ip.is_some() && pod_phase == Some("Running") && ready => {
+            RouteState::Running
+        }
         Some(Phase::Running | Phase::Starting) => RouteState::NotReady,
         _ => RouteState::Gone,
     };

@@ -10,11 +10,13 @@ pub mod als;
 pub mod config;
 pub mod control;
 pub mod decision;
+pub mod drain;
 pub mod grpc;
 pub mod index;
 pub mod kube;
 pub mod metrics;
 pub mod resolver;
+pub mod streams;
 
 use std::sync::Arc;
 
@@ -75,16 +77,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let control_listener = admin::bind(config.control_addr, "--control-addr").await?;
     tracing::info!(grpc = %config.grpc_addr, admin = %config.admin_addr, domains = ?addresses.domains(), "sandgate-extproc starting");
 
+    let drain = Arc::new(drain::Drain::new(drain::DrainConfig {
+        envoy_admin: config.envoy_admin,
+        delay: config.drain_delay,
+        timeout: config.drain_timeout,
+    }));
     let admin_state = Arc::new(admin::AdminState {
         registry,
         ready: {
             let (sync, shutdown, m) = (sync.clone(), shutdown.clone(), metrics.clone());
+            let drain = drain.clone();
             Box::new(move || {
                 let synced = sync.is_synced();
                 m.index_synced.set(i64::from(synced));
-                synced && !shutdown.is_fired()
+                synced && !shutdown.is_fired() && !drain.is_draining()
             })
         },
+        extra: Some(drain_routes(drain)),
         before_scrape: {
             let (index, activity, m) = (index.clone(), activity.clone(), metrics.clone());
             Box::new(move || {
@@ -116,10 +125,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             ),
     );
     tracing::info!(control = %config.control_addr, replica = %config.replica_name, %boot_id, "control API listening");
+    let streams = Arc::new(streams::StreamTable::new(
+        activity.clone(),
+        config.stream_expiry,
+    ));
+    tokio::spawn(expire_streams(streams.clone(), config.stream_expiry));
     let access_logs = als::AccessLogs {
         activity: activity.clone(),
+        streams: streams.clone(),
         metrics: metrics.clone(),
-        stream_expiry: config.stream_expiry,
         shutdown: shutdown.clone(),
     };
     let router = Arc::new(grpc::Router {
@@ -128,6 +142,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         default_port: config.default_port,
         metrics,
         activity,
+        streams,
+        max_streams_per_sandbox: config.max_streams_per_sandbox,
     });
     let grace = config.shutdown_grace;
     let grpc_shutdown = shutdown.clone();
@@ -157,6 +173,38 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// A random ID for this process, so the controller can tell a restart from a long uptime.
+/// `/drain` (the gateway pod's preStop hook) and `/ready/envoy` (Envoy's readiness, whose own
+/// admin port stays on loopback).
+fn drain_routes(drain: Arc<drain::Drain>) -> admin::ExtraRoutes {
+    use http::StatusCode;
+    Box::new(move |path| {
+        let drain = drain.clone();
+        match path {
+            "/drain" => Some(Box::pin(async move { (StatusCode::OK, drain.run().await) })),
+            "/ready/envoy" => Some(Box::pin(async move {
+                if drain.envoy_ready().await {
+                    (StatusCode::OK, "envoy ready\n".to_string())
+                } else {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "envoy not ready or draining\n".to_string(),
+                    )
+                }
+            })),
+            _ => None,
+        }
+    })
+}
+
+/// Closes streams nothing refreshed within `expiry`, also when no Envoy sends access logs.
+async fn expire_streams(streams: Arc<streams::StreamTable>, expiry: std::time::Duration) {
+    let mut every = tokio::time::interval((expiry / 4).max(std::time::Duration::from_millis(100)));
+    loop {
+        every.tick().await;
+        streams.expire();
+    }
+}
+
 fn boot_id() -> String {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();

@@ -19,9 +19,11 @@ use prometheus_client::registry::Registry;
 pub enum Outcome {
     routed,
     not_found,
+    terminated,
     not_ready,
     bad_request,
     lookup_failed,
+    too_many_streams,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -39,9 +41,11 @@ struct ResultLabels {
 pub struct Metrics {
     routed: Counter,
     not_found: Counter,
+    terminated: Counter,
     not_ready: Counter,
     bad_request: Counter,
     lookup_failed: Counter,
+    too_many_streams: Counter,
     pub cache_hits: Counter,
     pub cache_misses: Counter,
     pub lookups_found: Counter,
@@ -131,9 +135,11 @@ impl Metrics {
         Metrics {
             routed: outcome(Outcome::routed),
             not_found: outcome(Outcome::not_found),
+            terminated: outcome(Outcome::terminated),
             not_ready: outcome(Outcome::not_ready),
             bad_request: outcome(Outcome::bad_request),
             lookup_failed: outcome(Outcome::lookup_failed),
+            too_many_streams: outcome(Outcome::too_many_streams),
             cache_hits: result(&cache, "hit"),
             cache_misses: result(&cache, "miss"),
             lookups_found: result(&lookups, "found"),
@@ -153,9 +159,11 @@ impl Metrics {
         match o {
             Outcome::routed => &self.routed,
             Outcome::not_found => &self.not_found,
+            Outcome::terminated => &self.terminated,
             Outcome::not_ready => &self.not_ready,
             Outcome::bad_request => &self.bad_request,
             Outcome::lookup_failed => &self.lookup_failed,
+            Outcome::too_many_streams => &self.too_many_streams,
         }
     }
 }

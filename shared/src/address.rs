@@ -3,7 +3,8 @@
 //! Four forms are accepted, tried in this order:
 //! 1. host `<port>-<id>.<domain>` (the E2B convention);
 //! 2. host `<id>.<domain>` (the pod's default port);
-//! 3. headers `x-sandbox-id` and optionally `x-sandbox-port`;
+//! 3. headers `x-sandbox-id` and optionally `x-sandbox-port`, or the E2B SDK's `e2b-sandbox-id` and
+//!    `e2b-sandbox-port` (ours win when both are sent; each pair is read on its own);
 //! 4. path `/sandboxes/<id>/<port>/rest…`, rewritten to `/rest…` before it reaches the pod.
 //!
 //! A host under a configured domain always wins: with the host form, a path that happens to start
@@ -19,6 +20,10 @@ pub const MAX_ID_LEN: usize = 50;
 pub const HEADER_ID: &str = "x-sandbox-id";
 /// Header naming the port inside the sandbox.
 pub const HEADER_PORT: &str = "x-sandbox-port";
+/// The E2B SDK's header naming the sandbox (`E2b-Sandbox-Id`, lower-cased as Envoy passes it).
+pub const E2B_HEADER_ID: &str = "e2b-sandbox-id";
+/// The E2B SDK's header naming the port (`E2b-Sandbox-Port`).
+pub const E2B_HEADER_PORT: &str = "e2b-sandbox-port";
 /// Path prefix of the path form.
 pub const PATH_PREFIX: &str = "/sandboxes/";
 
@@ -92,6 +97,8 @@ pub struct RequestParts<'a> {
     pub path: &'a [u8],
     pub header_id: Option<&'a [u8]>,
     pub header_port: Option<&'a [u8]>,
+    pub e2b_header_id: Option<&'a [u8]>,
+    pub e2b_header_port: Option<&'a [u8]>,
 }
 
 impl AddressConfig {
@@ -130,9 +137,14 @@ impl AddressConfig {
         if let Some(label) = self.sandbox_label(req.authority)? {
             return parse_host_label(label);
         }
-        if let Some(id) = req.header_id {
+        let header_pair = match (req.header_id, req.e2b_header_id) {
+            (Some(id), _) => Some((id, req.header_port)),
+            (None, Some(id)) => Some((id, req.e2b_header_port)),
+            (None, None) => None,
+        };
+        if let Some((id, port)) = header_pair {
             let id = validate_id(utf8(id).ok_or(AddressError::InvalidId("not UTF-8"))?)?;
-            let port = req.header_port.map(parse_port).transpose()?;
+            let port = port.map(parse_port).transpose()?;
             return Ok(SandboxAddress {
                 id: Cow::Borrowed(id),
                 port,
@@ -143,7 +155,7 @@ impl AddressConfig {
         if req.path.starts_with(PATH_PREFIX.as_bytes()) {
             return parse_path(utf8(req.path).ok_or(AddressError::MalformedPath)?);
         }
-        if req.header_port.is_some() {
+        if req.header_port.is_some() || req.e2b_header_port.is_some() {
             return Err(AddressError::PortWithoutId);
         }
         Err(AddressError::Missing)

@@ -72,11 +72,19 @@ pub struct Cluster {
     controller_kubeconfig: std::path::PathBuf,
     pub gateways: Vec<Gateway>,
     pub controllers: Vec<Controller>,
+    /// The gateways' Envoy `access_log_flush_interval`.
+    access_log_flush: String,
 }
 
 impl Cluster {
     /// Starts the double and `gateways` gateways, registered and ready (no controller yet).
     pub async fn start(gateways: usize) -> Cluster {
+        Self::start_with_flush(gateways, crate::stack::TEST_ACCESS_LOG_FLUSH).await
+    }
+
+    /// As [`Cluster::start`], with Envoys that report open streams every `access_log_flush`
+    /// (`"30s"` is the shipped config).
+    pub async fn start_with_flush(gateways: usize, access_log_flush: &str) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let target = Target::start(dir.path()).await;
         let controller_kubeconfig = target
@@ -88,6 +96,7 @@ impl Cluster {
             controller_kubeconfig,
             gateways: Vec::new(),
             controllers: Vec::new(),
+            access_log_flush: access_log_flush.to_string(),
         };
         for i in 0..gateways {
             let gw = c.start_gateway(free_port()).await;
@@ -100,8 +109,14 @@ impl Cluster {
 
     /// Starts an Envoy + extproc pair with its ext_proc gRPC on `grpc_port`.
     pub async fn start_gateway(&self, grpc_port: u16) -> Gateway {
-        let (extproc, envoy) =
-            crate::stack::start_gateway(self.dir.path(), &self.target, grpc_port, &[]).await;
+        let (extproc, envoy) = crate::stack::start_gateway(
+            self.dir.path(),
+            &self.target,
+            grpc_port,
+            &[],
+            &self.access_log_flush,
+        )
+        .await;
         Gateway { extproc, envoy }
     }
 

@@ -16,6 +16,8 @@ pub struct EnvoyPorts {
     pub admin_port: u16,
     /// Envoy's `access_log_flush_interval`: how often open streams are reported.
     pub access_log_flush: String,
+    /// How long a sandbox may take to start its response (the route's per-try timeout).
+    pub upstream_headers_timeout: String,
 }
 
 impl EnvoyPorts {
@@ -27,6 +29,7 @@ impl EnvoyPorts {
             extproc_port: 9001,
             admin_port: 9901,
             access_log_flush: "30s".into(),
+            upstream_headers_timeout: "300s".into(),
         }
     }
     /// `make run`: everything on loopback.
@@ -37,6 +40,7 @@ impl EnvoyPorts {
             extproc_port: 9001,
             admin_port: 9901,
             access_log_flush: "30s".into(),
+            upstream_headers_timeout: "300s".into(),
         }
     }
 }
@@ -53,6 +57,7 @@ pub fn render(p: &EnvoyPorts) -> String {
         .replace("{{EXTPROC_PORT}}", &p.extproc_port.to_string())
         .replace("{{ADMIN_PORT}}", &p.admin_port.to_string())
         .replace("{{ACCESS_LOG_FLUSH_INTERVAL}}", &p.access_log_flush)
+        .replace("{{UPSTREAM_HEADERS_TIMEOUT}}", &p.upstream_headers_timeout)
 }
 
 /// The committed configs and what they must equal.

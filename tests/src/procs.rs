@@ -265,10 +265,14 @@ pub async fn ctrl_c() {
 /// The control-API token every test process shares.
 pub const TEST_TOKEN: &str = "sandgate-test-token";
 
-/// Writes the test token to `dir/control-token` (what a mounted Secret would hold).
+/// Writes the test token to `dir/control-token` (what a mounted Secret would hold). Atomically:
+/// a process started a moment earlier may be reading it (a truncated file read as empty once
+/// made a controller exit at start).
 pub fn write_token(dir: &Path) -> std::io::Result<PathBuf> {
     let p = dir.join("control-token");
-    std::fs::write(&p, format!("{TEST_TOKEN}\n"))?;
+    let tmp = dir.join(format!("control-token.{}", rand::random::<u64>()));
+    std::fs::write(&tmp, format!("{TEST_TOKEN}\n"))?;
+    std::fs::rename(&tmp, &p)?;
     Ok(p)
 }
 
@@ -282,8 +286,16 @@ pub fn dump_logs(dir: &Path) {
         if p.extension().is_some_and(|x| x == "log") {
             let text = std::fs::read_to_string(&p).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
-            eprintln!("----- {} (last 40 lines) -----", p.display());
-            for l in &lines[lines.len().saturating_sub(40)..] {
+            // The first lines say how a process started (or why it exited at once).
+            let head = lines.len().saturating_sub(40).min(10);
+            eprintln!(
+                "----- {} (first {head} and last 40 lines) -----",
+                p.display()
+            );
+            for l in &lines[..head] {
+                eprintln!("{l}");
+            }
+            for l in &lines[lines.len().saturating_sub(40).max(head)..] {
                 eprintln!("{l}");
             }
         }

@@ -34,7 +34,14 @@ impl Stack {
     pub async fn start_with(extproc_flags: &[&str]) -> Stack {
         let dir = tempfile::tempdir().expect("tempdir");
         let target = Target::start(dir.path()).await;
-        let (extproc, envoy) = start_gateway(dir.path(), &target, free_port(), extproc_flags).await;
+        let (extproc, envoy) = start_gateway(
+            dir.path(),
+            &target,
+            free_port(),
+            extproc_flags,
+            TEST_ACCESS_LOG_FLUSH,
+        )
+        .await;
         Stack {
             target,
             dir,
@@ -115,14 +122,18 @@ impl Drop for Stack {
     }
 }
 
+/// How often the test Envoys report open streams (the shipped config says 30 s).
+pub const TEST_ACCESS_LOG_FLUSH: &str = "1s";
+
 /// Starts sandgate-extproc against `target` (ext_proc gRPC on `grpc_port`, `--domain` DOMAIN,
-/// watching the target's namespace, plus `extra` flags) and an Envoy in front of it (access logs
-/// flushed every second), and waits until the extproc is ready.
+/// watching the target's namespace, plus `extra` flags) and an Envoy in front of it (open streams
+/// reported every `access_log_flush`), and waits until the extproc is ready.
 pub async fn start_gateway(
     dir: &std::path::Path,
     target: &Target,
     grpc_port: u16,
     extra: &[&str],
+    access_log_flush: &str,
 ) -> (Extproc, Envoy) {
     let mut flags = vec!["--domain", DOMAIN, "--namespace", &target.namespace];
     flags.extend_from_slice(extra);
@@ -133,7 +144,8 @@ pub async fn start_gateway(
         listen_port: free_port(),
         extproc_port: grpc_port,
         admin_port: free_port(),
-        access_log_flush: "1s".into(),
+        access_log_flush: access_log_flush.into(),
+        upstream_headers_timeout: "3s".into(),
     };
     let envoy = Envoy::start(dir, ports).await.expect("envoy");
     extproc.wait_ready(Duration::from_secs(40)).await;

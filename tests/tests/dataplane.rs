@@ -109,7 +109,8 @@ async fn error_answers_are_clear() {
     assert_eq!(r.status, 502);
     assert_eq!(
         r.json(),
-        json!({"error": "sandbox not found", "sandbox_id": "nobody"})
+        json!({"code": 502, "error": "sandbox not found", "sandbox_id": "nobody",
+               "message": "The sandbox nobody was not found"})
     );
     assert_eq!(r.headers["content-type"], "application/json");
 

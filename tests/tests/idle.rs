@@ -83,7 +83,9 @@ async fn busy_sandboxes_stay_and_idle_ones_go_on_time() {
 
 #[tokio::test]
 async fn an_open_websocket_keeps_its_sandbox_until_it_closes() {
-    let mut c = Cluster::start(1).await;
+    // The shipped Envoy config: open streams are reported only every 30 s, ten times the idle
+    // timeout; the WebSocket counts as open from its upgrade.
+    let mut c = Cluster::start_with_flush(1, "30s").await;
     c.sandbox("pod-ws", "ws").await;
     c.sandbox("pod-canary", "canary-idle").await;
     let url = format!("ws://{}/socket", c.gateways[0].envoy.addr());

@@ -43,12 +43,18 @@ fn router() -> Router {
         Duration::from_secs(1),
         metrics.clone(),
     ));
+    let activity = Arc::new(crate::activity::ActivityTable::new());
     Router {
         addresses: AddressConfig::new(["sandbox.localhost"]).unwrap(),
         resolver,
         default_port: Some(8080),
         metrics,
-        activity: Arc::new(crate::activity::ActivityTable::new()),
+        streams: Arc::new(crate::streams::StreamTable::new(
+            activity.clone(),
+            std::time::Duration::from_secs(120),
+        )),
+        activity,
+        max_streams_per_sandbox: 2,
     }
 }
 
@@ -148,6 +154,50 @@ async fn header_form_removes_addressing_headers() {
 }
 
 #[tokio::test]
+async fn e2b_headers_route_and_are_removed_and_other_headers_pass() {
+    let r = router();
+    let reply = r
+        .on_request_headers(&headers(&[
+            (":authority", "gw"),
+            (":path", "/"),
+            ("e2b-sandbox-id", "abc"),
+            ("e2b-sandbox-port", "49983"),
+            ("x-access-token", "secret"),
+        ]))
+        .await;
+    assert_eq!(destination(&reply).as_deref(), Some("10.1.2.3:49983"));
+    assert_eq!(
+        mutation(&reply).remove_headers,
+        vec!["e2b-sandbox-id", "e2b-sandbox-port"]
+    );
+}
+
+#[tokio::test]
+async fn upgrades_count_as_open_streams_up_to_the_limit() {
+    let r = router();
+    let ws = |id: &'static str| {
+        headers(&[
+            (":authority", "8080-abc.sandbox.localhost"),
+            (":path", "/ws"),
+            ("upgrade", "websocket"),
+            ("x-request-id", id),
+        ])
+    };
+    for id in ["r1", "r2"] {
+        assert!(destination(&r.on_request_headers(&ws(id)).await).is_some());
+    }
+    assert_eq!(r.activity.open_streams("abc"), 2);
+    let (code, body) = status(&r.on_request_headers(&ws("r3")).await).unwrap();
+    assert_eq!(code, 429, "{body}");
+    assert!(body.contains("\"code\":429"), "{body}");
+    // Plain requests to the same sandbox still route; the end of a stream makes room.
+    let plain = headers(&[(":authority", "8080-abc.sandbox.localhost"), (":path", "/")]);
+    assert!(destination(&r.on_request_headers(&plain).await).is_some());
+    r.streams.ended(SandboxKey::new("abc").unwrap(), "r1");
+    assert!(destination(&r.on_request_headers(&ws("r3")).await).is_some());
+}
+
+#[tokio::test]
 async fn path_form_rewrites_path() {
     let r = router();
     let reply = r
@@ -173,7 +223,12 @@ async fn error_answers() {
     )
     .unwrap();
     assert_eq!(code, 502);
-    assert_eq!(body, r#"{"error":"sandbox not found","sandbox_id":"nope"}"#);
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"code": 502, "error": "sandbox not found", "sandbox_id": "nope",
+                           "message": "The sandbox nope was not found"})
+    );
     let (code, _) = status(
         &r.on_request_headers(&headers(&[(":authority", "80-booting.sandbox.localhost")]))
             .await,

@@ -33,12 +33,22 @@ impl PodBuilder {
     fn phase(self, p: &str) -> Self {
         self.label("phase", p)
     }
-    fn ip(mut self, ip: &str) -> Self {
+    /// As the kubelet reports a pod with `ip` whose containers run, Ready or not.
+    fn status(mut self, ip: &str, phase: &str, ready: bool) -> Self {
         self.0.status = Some(k8s_openapi::api::core::v1::PodStatus {
             pod_ip: Some(ip.into()),
+            phase: Some(phase.into()),
+            conditions: Some(vec![k8s_openapi::api::core::v1::PodCondition {
+                type_: "Ready".into(),
+                status: if ready { "True" } else { "False" }.into(),
+                ..Default::default()
+            }]),
             ..Default::default()
         });
         self
+    }
+    fn ip(self, ip: &str) -> Self {
+        self.status(ip, "Running", true)
     }
     fn running(self, ip: &str) -> Self {
         self.phase("running").ip(ip)
@@ -104,6 +114,39 @@ fn pod_states_map_to_routes() {
         RouteState::NotReady
     );
     assert!(route_from_pod(&pod("p").running("1.2.3.4").0, &Contract::default(), 0).is_none());
+}
+
+#[test]
+fn only_a_running_ready_pod_is_routable() {
+    let state = |phase: &str, ready: bool| {
+        pod("p")
+            .sandbox("a")
+            .phase("running")
+            .status("10.0.0.1", phase, ready)
+            .route()
+            .1
+            .state
+    };
+    let cases = [
+        ("Running", true, RouteState::Running),
+        ("Running", false, RouteState::NotReady),
+        ("Pending", false, RouteState::NotReady),
+        ("Pending", true, RouteState::NotReady),
+        ("Unknown", true, RouteState::NotReady),
+        // Exited containers keep the pod's IP, which may already belong to another pod.
+        ("Failed", true, RouteState::Terminated),
+        ("Failed", false, RouteState::Terminated),
+        ("Succeeded", false, RouteState::Terminated),
+    ];
+    for (phase, ready, want) in cases {
+        assert_eq!(state(phase, ready), want, "{phase} ready={ready}");
+    }
+    let (_, r) = pod("p")
+        .sandbox("a")
+        .phase("running")
+        .status("10.0.0.1", "Failed", false)
+        .route();
+    assert!(!r.is_routable());
     assert!(route_from_pod(&pod("p").sandbox("Bad_ID").0, &Contract::default(), 0).is_none());
 }
 

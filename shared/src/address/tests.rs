@@ -65,12 +65,44 @@ fn headers() {
             path: b"/x",
             header_id: Some(b"abc"),
             header_port: Some(b"3000"),
+            ..Default::default()
         })
         .unwrap();
     assert_eq!(
         (a.id.as_ref(), a.port, a.form),
         ("abc", Some(3000), AddressForm::Header)
     );
+    // The E2B SDK's pair routes the same way; ours win when both are sent, each pair on its own.
+    let e2b = |id: Option<&'static [u8]>, port: Option<&'static [u8]>| {
+        cfg()
+            .parse(RequestParts {
+                authority: b"gateway.internal",
+                e2b_header_id: id,
+                e2b_header_port: port,
+                ..Default::default()
+            })
+            .map(|a| (a.id.into_owned(), a.port))
+    };
+    assert_eq!(
+        e2b(Some(b"abc"), Some(b"49983")),
+        Ok(("abc".into(), Some(49983)))
+    );
+    assert_eq!(e2b(Some(b"abc"), None), Ok(("abc".into(), None)));
+    assert_eq!(e2b(None, Some(b"49983")), Err(AddressError::PortWithoutId));
+    assert!(matches!(
+        e2b(Some(b"Bad_Id"), None),
+        Err(AddressError::InvalidId(_))
+    ));
+    let both = cfg()
+        .parse(RequestParts {
+            authority: b"gateway.internal",
+            header_id: Some(b"ours"),
+            e2b_header_id: Some(b"theirs"),
+            e2b_header_port: Some(b"1"),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!((both.id.as_ref(), both.port), ("ours", None));
     let bad = cfg().parse(RequestParts {
         authority: b"gateway.internal",
         header_id: Some(b"abc"),
@@ -93,7 +125,8 @@ fn host_wins_over_headers_and_path() {
             authority: b"80-mine.localhost",
             path: b"/sandboxes/other/81/x",
             header_id: Some(b"other"),
-            header_port: None,
+            e2b_header_id: Some(b"other"),
+            ..Default::default()
         })
         .unwrap();
     assert_eq!(
@@ -163,7 +196,7 @@ proptest! {
                     id in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..60)),
                     port in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..8))) {
         let c = cfg();
-        let r = c.parse(RequestParts { authority: &auth, path: &p, header_id: id.as_deref(), header_port: port.as_deref() });
+        let r = c.parse(RequestParts { authority: &auth, path: &p, header_id: id.as_deref(), header_port: port.as_deref(), ..Default::default() });
         if let Ok(a) = r {
             prop_assert!(validate_id(&a.id).is_ok());
             prop_assert!(a.port != Some(0));

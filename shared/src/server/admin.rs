@@ -1,4 +1,5 @@
-//! The admin HTTP server: `/metrics`, `/healthz` and `/readyz`, on its own port.
+//! The admin HTTP server: `/metrics`, `/healthz` and `/readyz`, on its own port, plus any routes
+//! a binary adds (the extproc's `/drain`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -14,6 +15,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
+/// A binary's own admin route: given the path, the answer (status, body), if the path is its.
+pub type ExtraRoutes = Box<dyn Fn(&str) -> Option<Answer> + Send + Sync>;
+
+/// An extra route's answer, computed asynchronously.
+pub type Answer = std::pin::Pin<Box<dyn std::future::Future<Output = (StatusCode, String)> + Send>>;
+
 /// What the admin server reads.
 pub struct AdminState {
     pub registry: Registry,
@@ -21,6 +28,8 @@ pub struct AdminState {
     pub ready: Box<dyn Fn() -> bool + Send + Sync>,
     /// Called before `/metrics` is encoded, to refresh gauges.
     pub before_scrape: Box<dyn Fn() + Send + Sync>,
+    /// Routes of the binary's own, tried first.
+    pub extra: Option<ExtraRoutes>,
 }
 
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Shutdown) {
@@ -39,7 +48,16 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Shut
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, req)) }
+                async move {
+                    let extra = state.extra.as_ref().and_then(|f| f(req.uri().path()));
+                    Ok::<_, Infallible>(match extra {
+                        Some(answer) => {
+                            let (status, body) = answer.await;
+                            text(status, body)
+                        }
+                        None => handle(&state, req),
+                    })
+                }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)

@@ -166,12 +166,18 @@ async fn decision_bench(n: usize, iters: usize) -> (f64, f64) {
         Duration::from_secs(1),
         metrics.clone(),
     ));
+    let activity = Arc::new(sandgate_extproc::activity::ActivityTable::new());
     let router = Router {
         addresses: sandgate_shared::AddressConfig::new(["sandbox.example.com"]).expect("domain"),
         resolver,
         default_port: None,
         metrics,
-        activity: Arc::new(sandgate_extproc::activity::ActivityTable::new()),
+        streams: Arc::new(sandgate_extproc::streams::StreamTable::new(
+            activity.clone(),
+            std::time::Duration::from_secs(120),
+        )),
+        activity,
+        max_streams_per_sandbox: 1000,
     };
     // Prebuilt requests, as Envoy would send them.
     let requests: Vec<HttpHeaders> = (0..4096)
@@ -351,6 +357,7 @@ async fn envoy_bench(args: &Args) -> anyhow::Result<Vec<Vec<Run>>> {
             extproc_port,
             admin_port: free_port(),
             access_log_flush: "30s".into(),
+            upstream_headers_timeout: "300s".into(),
         };
         let config = if direct {
             direct_config(&ports)

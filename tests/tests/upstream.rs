@@ -1,0 +1,301 @@
+//! What real pods and real clients do to the data plane, process level (real Envoy, real
+//! sandgate-extproc, the loopback kubelet): pods that die or turn NotReady, thousands of open
+//! streams, closed ports, late listeners, resets and hangs, and the E2B SDK's conventions.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Patch, PatchParams};
+use sandgate_tests::procs::{eventually, get, Reply};
+use sandgate_tests::stack::Stack;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+const SEC: Duration = Duration::from_secs(1);
+
+fn pod_ip(p: &Pod) -> String {
+    p.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap()
+}
+
+async fn annotate(s: &Stack, pod: &str, key: &str, value: &str) {
+    let patch =
+        json!({"metadata": {"annotations": {format!("kubelet.sandgate.dev/{key}"): value}}});
+    s.pods()
+        .patch(pod, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens a WebSocket to `host` through Envoy; the HTTP status on refusal.
+async fn websocket(envoy: SocketAddr, host: &str) -> Result<Ws, u16> {
+    let url = format!("ws://{envoy}/socket");
+    let mut req =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+            .unwrap();
+    req.headers_mut().insert("host", host.parse().unwrap());
+    match tokio_tungstenite::connect_async(req).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(r.status().as_u16()),
+        Err(e) => panic!("websocket to {host}: {e}"),
+    }
+}
+
+fn assert_json_error(r: &Reply, status: u16, message_contains: &str) {
+    assert_eq!(r.status, status, "{}", r.body);
+    assert!(
+        r.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json"),
+        "{:?}",
+        r.headers
+    );
+    let body = r.json();
+    assert_eq!(body["code"], status, "{}", r.body);
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(message.contains(message_contains), "{}", r.body);
+}
+
+#[tokio::test]
+async fn a_dead_pods_ip_given_to_another_pod_is_never_routed_to() {
+    let s = Stack::start().await;
+    let victim = s.sandbox("pod-dead", "sbx-dead", 8080).await;
+    let host = "8080-sbx-dead.sandbox.localhost";
+    assert_eq!(
+        s.get(host, "/", &[]).await.pod().as_deref(),
+        Some("pod-dead")
+    );
+    annotate(&s, "pod-dead", "exit", "OOMKilled:137").await;
+    let r = s.until_status(host, 502, 5 * SEC).await;
+    assert_json_error(&r, 502, "The sandbox sbx-dead was not found");
+    assert_eq!(r.json()["error"], "sandbox not running");
+    // Kubernetes hands the IP to another pod (the dead one keeps it in its status).
+    let mut p = sandgate_tests::stack::sandbox_pod("canary", None, "idle", 8080);
+    p.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert("kubelet.sandgate.dev/pod-ip".into(), pod_ip(&victim));
+    s.pods().create(&Default::default(), &p).await.unwrap();
+    let canary = eventually(10 * SEC, || async {
+        let p = s.pods().get("canary").await.map_err(|e| e.to_string())?;
+        match p.status.as_ref().and_then(|s| s.phase.as_deref()) {
+            Some("Running") => Ok(p),
+            other => Err(format!("canary is {other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(pod_ip(&canary), pod_ip(&victim));
+    let direct: SocketAddr = format!("{}:8080", pod_ip(&canary)).parse().unwrap();
+    let name = canary.metadata.name.clone();
+    assert_eq!(
+        get(direct, "x", "/", &[]).await.unwrap().pod(),
+        name,
+        "the canary serves"
+    );
+    for _ in 0..20 {
+        let r = s.get(host, "/", &[]).await;
+        assert_eq!(
+            r.status,
+            502,
+            "a dead sandbox reached {:?}: {}",
+            r.pod(),
+            r.body
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_running_pod_that_is_not_ready_answers_503_with_retry_after() {
+    let s = Stack::start().await;
+    s.sandbox("pod-flaky", "sbx-flaky", 8080).await;
+    let host = "8080-sbx-flaky.sandbox.localhost";
+    assert_eq!(s.get(host, "/", &[]).await.status, 200);
+    annotate(&s, "pod-flaky", "ready", "false").await;
+    let r = s.until_status(host, 503, 5 * SEC).await;
+    assert_json_error(&r, 503, "sbx-flaky");
+    assert_eq!(r.headers["retry-after"], "1");
+    annotate(&s, "pod-flaky", "ready", "true").await;
+    s.until_status(host, 200, 5 * SEC).await;
+}
+
+#[tokio::test]
+async fn eleven_hundred_open_websockets_leave_room_for_others_and_one_sandbox_hits_its_own_limit() {
+    let s = Stack::start_with(&["--max-streams-per-sandbox", "60"]).await;
+    for i in 0..21 {
+        s.sandbox(&format!("pod-{i}"), &format!("sbx-{i}"), 8080)
+            .await;
+    }
+    let envoy = s.envoy_addr();
+    let mut open = Vec::new();
+    for round in 0..55 {
+        let batch = futures::future::join_all((0..20).map(|i| async move {
+            websocket(envoy, &format!("8080-sbx-{i}.sandbox.localhost")).await
+        }))
+        .await;
+        for (i, ws) in batch.into_iter().enumerate() {
+            open.push(ws.unwrap_or_else(|code| panic!("round {round} sbx-{i}: {code}")));
+        }
+    }
+    assert_eq!(open.len(), 1100);
+    let start = Instant::now();
+    let r = s.get("8080-sbx-20.sandbox.localhost", "/", &[]).await;
+    assert_eq!(
+        (r.status, r.pod().as_deref()),
+        (200, Some("pod-20")),
+        "{}",
+        r.body
+    );
+    assert!(start.elapsed() < SEC, "took {:?}", start.elapsed());
+    // sbx-0 has 55 open; 5 more reach its limit of 60, the next is refused at once.
+    for _ in 0..5 {
+        open.push(
+            websocket(envoy, "8080-sbx-0.sandbox.localhost")
+                .await
+                .unwrap(),
+        );
+    }
+    let start = Instant::now();
+    assert_eq!(
+        websocket(envoy, "8080-sbx-0.sandbox.localhost").await.err(),
+        Some(429)
+    );
+    assert!(start.elapsed() < SEC);
+    let r = s
+        .get(
+            "gw",
+            "/",
+            &[
+                ("x-sandbox-id", "sbx-0"),
+                ("upgrade", "websocket"),
+                ("connection", "upgrade"),
+            ],
+        )
+        .await;
+    assert_json_error(&r, 429, "sbx-0 has 60 streams open");
+    assert_eq!(r.headers["retry-after"], "1");
+    // Everyone else is unaffected, on both kinds of request.
+    open.push(
+        websocket(envoy, "8080-sbx-1.sandbox.localhost")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        s.get("8080-sbx-0.sandbox.localhost", "/", &[]).await.status,
+        200
+    );
+    // The open sockets still work.
+    let ws = &mut open[0];
+    ws.send(Message::text("still here")).await.unwrap();
+    let reply = tokio::time::timeout(5 * SEC, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply.into_text().unwrap().as_str(), "pod-0:still here");
+}
+
+#[tokio::test]
+async fn upstream_failures_answer_in_json() {
+    let s = Stack::start().await;
+    let pod = s.sandbox("pod-up", "sbx-up", 8080).await;
+    let ip = pod_ip(&pod);
+    // A closed port, after the short grace for late listeners.
+    let r = s.get("9999-sbx-up.sandbox.localhost", "/", &[]).await;
+    assert_json_error(
+        &r,
+        502,
+        "The sandbox sbx-up is running but port 9999 is not open",
+    );
+    // A listener that resets every connection.
+    let reset = tokio::net::TcpListener::bind((ip.as_str(), 7001))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        while let Ok((c, _)) = reset.accept().await {
+            let _ = c.set_zero_linger();
+            drop(c);
+        }
+    });
+    let r = s.get("7001-sbx-up.sandbox.localhost", "/", &[]).await;
+    assert_json_error(&r, 502, "sbx-up");
+    // A listener that never answers: 504 after the per-try timeout (3 s in tests).
+    let hang = tokio::net::TcpListener::bind((ip.as_str(), 7002))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((c, _)) = hang.accept().await {
+            held.push(c);
+        }
+    });
+    let r = s.get("7002-sbx-up.sandbox.localhost", "/", &[]).await;
+    assert_json_error(&r, 504, "sbx-up did not answer");
+}
+
+#[tokio::test]
+async fn an_app_that_listens_a_second_late_still_gets_its_request() {
+    let s = Stack::start().await;
+    let pod = s.sandbox("pod-late", "sbx-late", 8080).await;
+    let ip: std::net::IpAddr = pod_ip(&pod).parse().unwrap();
+    let late = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        sandgate_tests::echo::bind(ip, 7100, "late-app".into())
+            .await
+            .unwrap()
+    });
+    let r = s.get("7100-sbx-late.sandbox.localhost", "/", &[]).await;
+    assert_eq!(
+        (r.status, r.pod().as_deref()),
+        (200, Some("late-app")),
+        "{}",
+        r.body
+    );
+    drop(late.await.unwrap());
+}
+
+#[tokio::test]
+async fn e2b_headers_route_and_only_they_are_stripped() {
+    let s = Stack::start().await;
+    s.sandbox("pod-e2b", "sbx-e2b", 49983).await;
+    let r = s
+        .get(
+            "gateway.example",
+            "/health",
+            &[
+                ("E2b-Sandbox-Id", "sbx-e2b"),
+                ("E2b-Sandbox-Port", "49983"),
+                ("X-Access-Token", "tok"),
+                ("User-Agent", "e2b-python-sdk/2.63.0"),
+            ],
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.pod().as_deref()),
+        (200, Some("pod-e2b")),
+        "{}",
+        r.body
+    );
+    let seen = &r.json()["headers"];
+    assert!(
+        seen.get("e2b-sandbox-id").is_none() && seen.get("e2b-sandbox-port").is_none(),
+        "{seen}"
+    );
+    assert_eq!(seen["x-access-token"], "tok");
+    assert_eq!(seen["user-agent"], "e2b-python-sdk/2.63.0");
+    let r = s
+        .get(
+            "gateway.example",
+            "/",
+            &[
+                ("E2b-Sandbox-Id", "sbx-gone"),
+                ("E2b-Sandbox-Port", "49983"),
+            ],
+        )
+        .await;
+    assert_json_error(&r, 502, "The sandbox sbx-gone was not found");
+}
