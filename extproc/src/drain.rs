@@ -60,7 +60,7 @@ impl Drain {
             return "drained\n".into();
         }
         let outcome = self.sequence().await;
-        let _ = self.done.send(true);
+        self.done.send_replace(true);
         tracing::info!(%outcome, "drain finished");
         format!("{outcome}\n")
     }

@@ -71,7 +71,18 @@ async fn serve_until(
             let svc = service_fn(move |req| {
                 hits.fetch_add(1, Ordering::SeqCst);
                 let (name, stop) = (name.clone(), ws_stop.clone());
-                async move { Ok::<_, Infallible>(respond(&name, local, stop, req)) }
+                async move {
+                    // `/slow/<ms>` answers after that long: an in-flight request for tests.
+                    let delay = req
+                        .uri()
+                        .path()
+                        .strip_prefix("/slow/")
+                        .and_then(|ms| ms.parse::<u64>().ok());
+                    if let Some(ms) = delay {
+                        tokio::time::sleep(std::time::Duration::from_millis(ms.min(60_000))).await;
+                    }
+                    Ok::<_, Infallible>(respond(&name, local, stop, req))
+                }
             });
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);

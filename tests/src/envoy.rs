@@ -94,7 +94,7 @@ pub fn envoy_bin() -> PathBuf {
 /// A running Envoy, killed on drop.
 pub struct Envoy {
     pub ports: EnvoyPorts,
-    _child: Child,
+    child: Child,
 }
 
 impl Envoy {
@@ -123,10 +123,17 @@ impl Envoy {
             std::time::Duration::from_secs(20),
         )
         .await?;
-        Ok(Envoy {
-            ports,
-            _child: child,
-        })
+        Ok(Envoy { ports, child })
+    }
+
+    /// SIGTERM (what the kubelet sends after the preStop hook), then wait for the exit.
+    pub async fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        if let Some(pid) = self.child.id() {
+            std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()?;
+        }
+        Ok(tokio::time::timeout(std::time::Duration::from_secs(20), self.child.wait()).await??)
     }
 
     pub fn addr(&self) -> std::net::SocketAddr {

@@ -135,7 +135,16 @@ pub async fn start_gateway(
     extra: &[&str],
     access_log_flush: &str,
 ) -> (Extproc, Envoy) {
-    let mut flags = vec!["--domain", DOMAIN, "--namespace", &target.namespace];
+    let envoy_admin = free_port();
+    let envoy_admin_flag = format!("127.0.0.1:{envoy_admin}");
+    let mut flags = vec![
+        "--domain",
+        DOMAIN,
+        "--namespace",
+        &target.namespace,
+        "--envoy-admin",
+        &envoy_admin_flag,
+    ];
     flags.extend_from_slice(extra);
     let kubeconfig = target.kubeconfig_for(dir, "sandgate-extproc").await;
     let extproc = Extproc::spawn(dir, &kubeconfig, grpc_port, &flags).expect("spawn extproc");
@@ -143,7 +152,7 @@ pub async fn start_gateway(
         listen_addr: "127.0.0.1".into(),
         listen_port: free_port(),
         extproc_port: grpc_port,
-        admin_port: free_port(),
+        admin_port: envoy_admin,
         access_log_flush: access_log_flush.into(),
         upstream_headers_timeout: "3s".into(),
     };

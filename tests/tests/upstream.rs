@@ -71,9 +71,17 @@ async fn a_dead_pods_ip_given_to_another_pod_is_never_routed_to() {
         Some("pod-dead")
     );
     annotate(&s, "pod-dead", "exit", "OOMKilled:137").await;
-    let r = s.until_status(host, 502, 5 * SEC).await;
+    // Until the gateway sees the kubelet's report, the closed port answers for it.
+    let r = eventually(10 * SEC, || async {
+        let r = s.get(host, "/", &[]).await;
+        if r.json()["error"] == "sandbox not running" {
+            Ok(r)
+        } else {
+            Err(format!("{} {}", r.status, r.body))
+        }
+    })
+    .await;
     assert_json_error(&r, 502, "The sandbox sbx-dead was not found");
-    assert_eq!(r.json()["error"], "sandbox not running");
     // Kubernetes hands the IP to another pod (the dead one keeps it in its status).
     let mut p = sandgate_tests::stack::sandbox_pod("canary", None, "idle", 8080);
     p.metadata
@@ -298,4 +306,87 @@ async fn e2b_headers_route_and_only_they_are_stripped() {
         )
         .await;
     assert_json_error(&r, 502, "The sandbox sbx-gone was not found");
+}
+
+#[tokio::test]
+async fn a_draining_gateway_finishes_what_it_has_and_fails_nothing_before() {
+    let mut s = Stack::start_with(&["--drain-delay", "1500ms", "--drain-timeout", "4s"]).await;
+    s.sandbox("pod-d", "sbx-d", 8080).await;
+    let host = "8080-sbx-d.sandbox.localhost";
+    let envoy = s.envoy_addr();
+    let mut ws = websocket(envoy, host).await.unwrap();
+    ws.send(Message::text("hi")).await.unwrap();
+    ws.next().await.unwrap().unwrap();
+    let ready = |path: &'static str| {
+        let s = &s;
+        async move {
+            s.extproc
+                .admin_get(path)
+                .await
+                .map(|r| r.status)
+                .unwrap_or(0)
+        }
+    };
+    assert_eq!(
+        (ready("/readyz").await, ready("/ready/envoy").await),
+        (200, 200)
+    );
+    // The kubelet's preStop hook.
+    let admin = s.extproc.admin_port;
+    let drain = tokio::spawn(async move {
+        let r = get(([127, 0, 0, 1], admin).into(), "localhost", "/drain", &[]).await;
+        (r.map(|r| r.body), Instant::now())
+    });
+    eventually(SEC, || async {
+        match (ready("/readyz").await, ready("/ready/envoy").await) {
+            (503, 503) => Ok(()),
+            other => Err(format!("still ready: {other:?}")),
+        }
+    })
+    .await;
+    // Until the endpoints drop the pod (the drain delay), new requests keep succeeding, and one
+    // started now outlives the delay.
+    let slow = tokio::spawn(async move { get(envoy, host, "/slow/2500", &[]).await });
+    let until = Instant::now() + Duration::from_millis(1200);
+    let mut served = 0;
+    while Instant::now() < until {
+        let r = get(envoy, host, "/", &[])
+            .await
+            .expect("request during the drain delay");
+        assert_eq!(r.status, 200, "{}", r.body);
+        served += 1;
+    }
+    assert!(served > 5, "{served}");
+    let r = slow.await.unwrap().expect("the in-flight request");
+    assert_eq!((r.status, r.pod().as_deref()), (200, Some("pod-d")));
+    // The open WebSocket holds the drain to its timeout; then Envoy is stopped and the socket
+    // ends with the connection (no reset), after working to the last moment.
+    ws.send(Message::text("during the drain")).await.unwrap();
+    let reply = ws.next().await.unwrap().unwrap();
+    assert_eq!(
+        reply.into_text().unwrap().as_str(),
+        "pod-d:during the drain"
+    );
+    let (body, drained_at) = drain.await.unwrap();
+    let body = body.expect("/drain answers");
+    assert!(body.contains("1 connections left"), "{body}");
+    // A second preStop hook (the other container's) returns at once.
+    let again = get(([127, 0, 0, 1], admin).into(), "localhost", "/drain", &[])
+        .await
+        .unwrap();
+    assert_eq!(again.status, 200);
+    assert!(drained_at.elapsed() < SEC);
+    s.envoy.terminate().await.unwrap();
+    match tokio::time::timeout(5 * SEC, ws.next())
+        .await
+        .expect("the socket ends")
+    {
+        None
+        | Some(Ok(Message::Close(_)))
+        | Some(Err(tokio_tungstenite::tungstenite::Error::Protocol(
+            tokio_tungstenite::tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+        )))
+        | Some(Err(tokio_tungstenite::tungstenite::Error::ConnectionClosed)) => {}
+        other => panic!("the WebSocket did not end cleanly: {other:?}"),
+    }
 }

@@ -72,7 +72,7 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
         "/readyz" if (state.ready)() => text(StatusCode::OK, "ready\n".into()),
         "/readyz" => text(
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: route index not synced\n".into(),
+            "not ready: route index not synced, or shutting down or draining\n".into(),
         ),
         "/metrics" => {
             (state.before_scrape)();
