@@ -3,7 +3,7 @@ ENVOY_VERSION := 1.40.0
 ENVOY := .tools/envoy/envoy/_bin/envoy
 CARGO ?= cargo
 
-.PHONY: run test test-unit test-realapi test-double test-cluster controlplane bench bench-build bench-dataplane bench-idle bench-pool build lint envoy render clean
+.PHONY: run test test-unit test-realapi test-double test-cluster controlplane bench bench-build bench-dataplane bench-streams bench-idle bench-pool build lint envoy render clean
 
 $(ENVOY):
 	python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
@@ -48,7 +48,7 @@ test-cluster: $(ENVOY) controlplane build
 	PATH="$$(tests/controlplane/build.sh):$$PATH" CARGO=$(CARGO) tests/scenarios.sh cluster
 
 ## bench: data plane (three Envoy variants, decision microbenchmark, memory), idle release, pools.
-bench: bench-dataplane bench-idle bench-pool
+bench: bench-dataplane bench-streams bench-idle bench-pool
 
 bench-build: $(ENVOY)
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
@@ -56,6 +56,10 @@ bench-build: $(ENVOY)
 
 bench-dataplane: bench-build
 	./target/release/sandgate-bench
+
+## bench-streams: latency to other sandboxes while 1,200 WebSockets are open.
+bench-streams: bench-build
+	./target/release/sandgate-bench-streams
 
 bench-idle: bench-build
 	./target/release/sandgate-bench-idle

@@ -75,6 +75,7 @@ pub struct SandboxPoolStatus {
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Sandbox","type":"string","jsonPath":".status.sandboxID"}"#,
     printcolumn = r#"{"name":"URL","type":"string","jsonPath":".status.url","priority":1}"#,
+    printcolumn = r#"{"name":"Expires","type":"date","jsonPath":".status.expiresAt","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -83,6 +84,12 @@ pub struct SandboxClaimSpec {
     /// Overrides the pool's default idle timeout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout: Option<String>,
+    /// Absolute lifetime counted from the claim's creation (e.g. `300s`, `2h`): at
+    /// `creationTimestamp + timeout` the sandbox is released with stop reason `Timeout`, busy or
+    /// not (E2B's timeout). The idle timeout still applies, so an idle sandbox goes earlier.
+    /// Unset: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
     /// Added to the claimed pod.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub labels: std::collections::BTreeMap<String, String>,
@@ -115,6 +122,44 @@ pub struct SandboxClaimStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "preserve_unknown_list")]
     pub conditions: Vec<Condition>,
+    /// When the sandbox is released whatever its activity (`creationTimestamp + spec.timeout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "date_time")]
+    pub expires_at: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// When the claim was bound to its pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "date_time")]
+    pub bound_at: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// Why and when a Released or Failed claim's sandbox stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<StopRecord>,
+}
+
+/// How a sandbox ended.
+#[derive(Deserialize, Serialize, Clone, Debug, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StopRecord {
+    /// `IdleTimeout`, `Timeout`, `ClaimDeleted`, `PodGone`, …
+    pub reason: String,
+    #[schemars(schema_with = "date_time")]
+    pub stopped_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+impl SandboxClaim {
+    /// `creationTimestamp + spec.timeout`; `None` without a timeout. An unparseable timeout is
+    /// refused earlier (`validate::check_claim`).
+    pub fn expires_at(&self) -> Option<jiff::Timestamp> {
+        let created = self.metadata.creation_timestamp.as_ref()?.0;
+        let timeout = sandgate_shared::duration::parse_duration(self.spec.timeout.as_deref()?).ok()?;
+        let span = jiff::SignedDuration::try_from(timeout).ok()?;
+        created.checked_add(span).ok()
+    }
+}
+
+fn date_time(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "string", "format": "date-time"})
 }
 
 fn preserve_unknown(_: &mut schemars::SchemaGenerator) -> schemars::Schema {

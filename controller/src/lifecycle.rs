@@ -569,6 +569,119 @@ fn live_pod(ctx: &Ctx, ns: &str, status: &SandboxClaimStatus) -> Option<Arc<Pod>
     .then_some(pod)
 }
 
+/// A stop record stamped now.
+fn stop_record(reason: &str, message: Option<String>) -> crate::crd::StopRecord {
+    crate::crd::StopRecord {
+        reason: reason.into(),
+        stopped_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()),
+        message,
+    }
+}
+
+/// Why the claim's pod was released, from its `stop-reason` annotation (None if it is gone).
+async fn stop_reason_in_api(ctx: &Ctx, ns: &str, status: &SandboxClaimStatus) -> Option<String> {
+    let name = status.pod_name.as_deref()?;
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let pod = api.get_opt(name).await.ok()??;
+    pod.annotations().get(&ctx.contract.ann_stop_reason).cloned()
+}
+
+/// A bound claim's absolute lifetime (`spec.timeout`): keeps `status.expiresAt` current, releases
+/// the sandbox at expiry (stop reason `Timeout`), and comes back when it is due.
+async fn bound_claim_lifetime(
+    ctx: &Ctx,
+    claim: &SandboxClaim,
+    status: &SandboxClaimStatus,
+) -> Result<Action, Error> {
+    let Some(expires) = claim.expires_at() else {
+        if status.expires_at.is_some() {
+            let cleared = SandboxClaimStatus {
+                expires_at: None,
+                ..status.clone()
+            };
+            set_status(ctx, claim, &cleared).await?;
+        }
+        return Ok(Action::requeue(Duration::from_secs(60)));
+    };
+    let now = jiff::Timestamp::now();
+    if now >= expires {
+        return expire(ctx, claim, status).await;
+    }
+    let at = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(expires);
+    if status.expires_at.as_ref() != Some(&at) {
+        let current = SandboxClaimStatus {
+            expires_at: Some(at),
+            ..status.clone()
+        };
+        set_status(ctx, claim, &current).await?;
+    }
+    let left = Duration::try_from(expires.duration_since(now)).unwrap_or_default();
+    Ok(Action::requeue(
+        left.min(Duration::from_secs(60)) + Duration::from_millis(20),
+    ))
+}
+
+/// Releases an expired claim's sandbox (guarded: only if the pod still runs this sandbox) and
+/// marks the claim Released with stop reason `Timeout`.
+async fn expire(
+    ctx: &Ctx,
+    claim: &SandboxClaim,
+    status: &SandboxClaimStatus,
+) -> Result<Action, Error> {
+    let ns = claim.namespace().unwrap_or_default();
+    let id = status.sandbox_id.clone().unwrap_or_default();
+    if let Some(pod) = status.pod_name.as_deref() {
+        release_pod(ctx, &ns, pod, &id, "Timeout").await?;
+    }
+    let released = SandboxClaimStatus {
+        phase: ClaimPhase::Released,
+        stop: Some(stop_record(
+            "Timeout",
+            Some(format!("spec.timeout {} reached", claim.spec.timeout.as_deref().unwrap_or_default())),
+        )),
+        ..status.clone()
+    };
+    set_status(ctx, claim, &released).await?;
+    tracing::info!(claim = %claim.name_any(), sandbox_id = %id, "claim timeout: sandbox released");
+    event(ctx, claim, "Timeout", format!("sandbox {id} released: its timeout passed")).await;
+    Ok(Action::await_change())
+}
+
+/// Flips a claimed pod to `stopping` with a stop reason, only if it still runs `id` (a pod
+/// re-claimed or already released since is left alone).
+async fn release_pod(
+    ctx: &Ctx,
+    ns: &str,
+    pod: &str,
+    id: &str,
+    reason: &str,
+) -> Result<(), Error> {
+    let c = &ctx.contract;
+    let label = |k: &str| format!("/metadata/labels/{}", crate::idle::json_pointer(k));
+    let ann = |k: &str| format!("/metadata/annotations/{}", crate::idle::json_pointer(k));
+    let ops = json!([
+        {"op": "test", "path": label(&c.label_phase), "value": "running"},
+        {"op": "test", "path": label(&c.label_sandbox_id), "value": id},
+        {"op": "replace", "path": label(&c.label_phase), "value": "stopping"},
+        {"op": "add", "path": ann(&c.ann_stop_reason), "value": reason},
+        {"op": "add", "path": ann(&c.ann_stopped_at), "value": format_time(SystemTime::now())},
+    ]);
+    let patch: json_patch::Patch =
+        serde_json::from_value(ops).map_err(|e| Error::Finalizer(e.to_string()))?;
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    match api
+        .patch(pod, &PatchParams::default(), &Patch::Json::<()>(patch))
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(pod, sandbox_id = %id, reason, "sandbox released");
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if matches!(e.code, 404 | 409 | 422) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// The pod cache may lag behind a bind: before calling a claim released, ask the API.
 async fn still_bound_in_api(
     ctx: &Ctx,
@@ -604,15 +717,19 @@ async fn apply_claim(claim: Arc<SandboxClaim>, ctx: Arc<Ctx>) -> Result<Action, 
             if live_pod(ctx, &ns, &status).is_some()
                 || still_bound_in_api(ctx, &ns, &status).await?
             {
-                return Ok(Action::requeue(Duration::from_secs(60)));
+                return bound_claim_lifetime(ctx, claim, &status).await;
             }
             // Released for idleness (or the pod is gone): the claim is over.
             let note = format!(
                 "sandbox {} released",
                 status.sandbox_id.as_deref().unwrap_or_default()
             );
+            let reason = stop_reason_in_api(ctx, &ns, &status)
+                .await
+                .unwrap_or_else(|| "PodGone".into());
             let released = SandboxClaimStatus {
                 phase: ClaimPhase::Released,
+                stop: Some(stop_record(&reason, None)),
                 ..status
             };
             set_status(ctx, claim, &released).await?;
@@ -686,6 +803,13 @@ async fn apply_claim(claim: Arc<SandboxClaim>, ctx: Arc<Ctx>) -> Result<Action, 
                     .claims_waiting
                     .set(ctx.waiting.lock().unwrap_or_else(|e| e.into_inner()).len() as i64);
                 let bound = SandboxClaimStatus {
+                    bound_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                        jiff::Timestamp::now(),
+                    )),
+                    expires_at: claim
+                        .expires_at()
+                        .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time),
+                    stop: None,
                     phase: ClaimPhase::Bound,
                     url: ctx.domain.as_ref().map(|d| format!("{id}.{d}")),
                     sandbox_id: Some(id),
@@ -714,7 +838,14 @@ async fn apply_claim(claim: Arc<SandboxClaim>, ctx: Arc<Ctx>) -> Result<Action, 
                         .unwrap_or_default();
                     ctx.metrics.claim_seconds.observe(waited.as_secs_f64());
                 }
-                return Ok(Action::requeue(Duration::from_secs(60)));
+                return Ok(claim.expires_at().map_or(
+                    Action::requeue(Duration::from_secs(60)),
+                    |e| {
+                        let left = Duration::try_from(e.duration_since(jiff::Timestamp::now()))
+                            .unwrap_or_default();
+                        Action::requeue(left.min(Duration::from_secs(60)))
+                    },
+                ));
             }
             Err(Error::Kube(kube::Error::Api(e))) if crate::validate::is_invalid_object(&e) => {
                 // The API server refuses what the claim asks the pod to carry.
@@ -806,29 +937,7 @@ async fn cleanup_claim(claim: Arc<SandboxClaim>, ctx: Arc<Ctx>) -> Result<Action
             .cloned()
     });
     if let (Some(pod), Some(id)) = (pod_name, status.sandbox_id.as_ref()) {
-        let c = &ctx.contract;
-        let label = |k: &str| format!("/metadata/labels/{}", crate::idle::json_pointer(k));
-        let ann = |k: &str| format!("/metadata/annotations/{}", crate::idle::json_pointer(k));
-        let ops = json!([
-            {"op": "test", "path": label(&c.label_phase), "value": "running"},
-            {"op": "test", "path": label(&c.label_sandbox_id), "value": id},
-            {"op": "replace", "path": label(&c.label_phase), "value": "stopping"},
-            {"op": "add", "path": ann(&c.ann_stop_reason), "value": "ClaimDeleted"},
-            {"op": "add", "path": ann(&c.ann_stopped_at), "value": format_time(SystemTime::now())},
-        ]);
-        let patch: json_patch::Patch =
-            serde_json::from_value(ops).map_err(|e| Error::Finalizer(e.to_string()))?;
-        let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-        match api
-            .patch(&pod, &PatchParams::default(), &Patch::Json::<()>(patch))
-            .await
-        {
-            Ok(_) => {
-                tracing::info!(claim = %claim.name_any(), sandbox_id = %id, "claim deleted: sandbox released")
-            }
-            Err(kube::Error::Api(e)) if matches!(e.code, 404 | 409 | 422) => {}
-            Err(e) => return Err(e.into()),
-        }
+        release_pod(ctx, &ns, &pod, id, "ClaimDeleted").await?;
     }
     ctx.bound
         .lock()

@@ -19,6 +19,16 @@ pub fn check_claim(spec: &SandboxClaimSpec, contract: &Contract) -> Result<(), S
             format!("spec.idleTimeout: {t:?} is not a duration (e.g. 90s, 15m, never)")
         })?;
     }
+    if let Some(t) = &spec.timeout {
+        match sandgate_shared::duration::parse_duration(t) {
+            Ok(d) if !d.is_zero() => {}
+            _ => {
+                return Err(format!(
+                    "spec.timeout: {t:?} is not a positive duration (e.g. 300s, 2h)"
+                ))
+            }
+        }
+    }
     check_labels("spec.labels", &spec.labels).map_err(|e| e.to_string())?;
     check_annotations("spec.annotations", &spec.annotations).map_err(|e| e.to_string())?;
     if let Some(k) = spec
@@ -113,6 +123,8 @@ mod tests {
                 json!({"poolName": "p", "idleTimeout": "soon"}),
                 Some("spec.idleTimeout"),
             ),
+            (json!({"poolName": "p", "timeout": "0s"}), Some("spec.timeout")),
+            (json!({"poolName": "p", "timeout": "300s"}), None),
             (
                 json!({"poolName": "p", "labels": {"sandgate.dev/phase": "idle"}}),
                 Some("sandgate.dev/phase"),

@@ -163,6 +163,10 @@ fn rbac_grants_exactly_the_calls_the_binaries_make() {
         grants(&docs, "sandgate-controller"),
         calls(sandgate_controller::API_CALLS)
     );
+    assert_eq!(
+        grants(&docs, "sandgate-api"),
+        calls(sandgate_api::API_CALLS)
+    );
 }
 
 /// The rendered base plus the Envoy Gateway example's own workloads.

@@ -390,3 +390,48 @@ async fn a_draining_gateway_finishes_what_it_has_and_fails_nothing_before() {
         other => panic!("the WebSocket did not end cleanly: {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn grpc_unary_and_server_streaming_calls_reach_a_sandbox_over_h2c() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    use tonic_health::ServingStatus as Status;
+    let s = Stack::start().await;
+    let pod = s.sandbox("pod-grpc", "sbx-grpc", 8080).await;
+    // The sandbox's gRPC server (grpc.health.v1: unary Check, server-streaming Watch).
+    let listener = tokio::net::TcpListener::bind((pod_ip(&pod).as_str(), 50051))
+        .await
+        .unwrap();
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter.set_service_status("sandbox", Status::Serving).await;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    // HTTP/2 with prior knowledge to Envoy; the sandbox is named by the authority.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", s.envoy_addr()))
+        .unwrap()
+        .origin("http://50051-sbx-grpc.sandbox.localhost".parse().unwrap())
+        .connect()
+        .await
+        .unwrap();
+    let mut client = HealthClient::new(channel);
+    let request = || HealthCheckRequest {
+        service: "sandbox".into(),
+    };
+    let status = client.check(request()).await.expect("unary call").into_inner();
+    assert_eq!(status.status(), ServingStatus::Serving);
+    let mut watch = client.watch(request()).await.expect("streaming call").into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+    reporter
+        .set_service_status("sandbox", Status::NotServing)
+        .await;
+    let second = tokio::time::timeout(5 * SEC, watch.message())
+        .await
+        .expect("a streamed message")
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.status(), ServingStatus::NotServing);
+}

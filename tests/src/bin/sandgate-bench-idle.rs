@@ -102,7 +102,8 @@ async fn tick_bench() -> anyhow::Result<(f64, f64, f64)> {
                 "labels": {"sandgate.dev/sandbox-id": format!("sbx-{i}"), "sandgate.dev/phase": "running", "sandgate.dev/pool": "bench"},
                 "annotations": {"sandgate.dev/last-active": now, "sandgate.dev/idle-timeout": "1h"}},
             "spec": {"containers": [{"name": "s", "image": "x"}]},
-            "status": {"phase": "Running", "podIP": "127.0.0.1"},
+            "status": {"phase": "Running", "podIP": "127.0.0.1",
+                       "conditions": [{"type": "Ready", "status": "True"}]},
         });
         api.store
             .create("pods", "default", pod)

@@ -334,7 +334,8 @@ async fn envoy_bench(args: &Args) -> anyhow::Result<Vec<Vec<Run>>> {
             "metadata": {"name": format!("pod-{i}"), "namespace": "default",
                 "labels": {"sandgate.dev/sandbox-id": format!("sbx-{i}"), "sandgate.dev/phase": "running", "sandgate.dev/pool": "bench"}},
             "spec": {"containers": [{"name": "s", "image": "x"}]},
-            "status": {"phase": "Running", "podIP": "127.0.0.1"},
+            "status": {"phase": "Running", "podIP": "127.0.0.1",
+                       "conditions": [{"type": "Ready", "status": "True"}]},
         });
         api.store
             .create("pods", "default", pod)
