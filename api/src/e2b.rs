@@ -97,7 +97,10 @@ pub fn error_body(code: u16, message: &str) -> Value {
 }
 
 /// Finds the pool a `templateID` names: a pool of that name, or one listing it in its aliases.
-pub fn find_pool<'a>(pools: &'a [std::sync::Arc<SandboxPool>], template: &str) -> Option<&'a SandboxPool> {
+pub fn find_pool<'a>(
+    pools: &'a [std::sync::Arc<SandboxPool>],
+    template: &str,
+) -> Option<&'a SandboxPool> {
     let by_name = pools
         .iter()
         .find(|p| p.metadata.name.as_deref() == Some(template));
@@ -214,7 +217,13 @@ pub fn resources(pool: &SandboxPool) -> (u32, u64, u64) {
     let mut cpu_milli = 0u64;
     let mut mem = 0u64;
     let mut disk = 0u64;
-    for c in pool.spec.template.spec.iter().flat_map(|s| s.containers.iter()) {
+    for c in pool
+        .spec
+        .template
+        .spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+    {
         let r = c.resources.clone().unwrap_or_default();
         let pick = |k: &str| {
             r.limits
@@ -225,7 +234,10 @@ pub fn resources(pool: &SandboxPool) -> (u32, u64, u64) {
         };
         cpu_milli += pick("cpu").and_then(|q| cpu_millis(&q)).unwrap_or(0);
         mem += pick("memory").and_then(|q| bytes(&q)).unwrap_or(0) / 1_000_000;
-        disk += pick("ephemeral-storage").and_then(|q| bytes(&q)).unwrap_or(0) / 1_000_000;
+        disk += pick("ephemeral-storage")
+            .and_then(|q| bytes(&q))
+            .unwrap_or(0)
+            / 1_000_000;
     }
     let cpus = cpu_milli.div_ceil(1000).max(1) as u32;
     (cpus, if mem == 0 { 512 } else { mem }, disk)
@@ -310,11 +322,19 @@ mod tests {
     #[test]
     fn templates_are_pools_by_name_or_alias() {
         let pools = vec![
-            pool("python", json!({ANN_ALIASES: "base, code-interpreter"}), json!({})),
+            pool(
+                "python",
+                json!({ANN_ALIASES: "base, code-interpreter"}),
+                json!({}),
+            ),
             pool("base", json!({}), json!({})),
         ];
         let name = |t: &str| find_pool(&pools, t).and_then(|p| p.metadata.name.clone());
-        assert_eq!(name("base").as_deref(), Some("base"), "a pool's own name wins");
+        assert_eq!(
+            name("base").as_deref(),
+            Some("base"),
+            "a pool's own name wins"
+        );
         assert_eq!(name("code-interpreter").as_deref(), Some("python"));
         assert_eq!(name("python").as_deref(), Some("python"));
         assert_eq!(name("nope"), None);
@@ -359,10 +379,19 @@ mod tests {
         }))
         .unwrap();
         let p = pool("python", json!({ANN_ENVD_VERSION: "0.3.1"}), json!({}));
-        let d = serde_json::to_value(detail(&claim, Some(&p), Some("sandbox.example.com"), true)).unwrap();
+        let d = serde_json::to_value(detail(&claim, Some(&p), Some("sandbox.example.com"), true))
+            .unwrap();
         for k in [
-            "templateID", "sandboxID", "clientID", "envdVersion", "startedAt", "endAt", "cpuCount",
-            "memoryMB", "diskSizeMB", "state",
+            "templateID",
+            "sandboxID",
+            "clientID",
+            "envdVersion",
+            "startedAt",
+            "endAt",
+            "cpuCount",
+            "memoryMB",
+            "diskSizeMB",
+            "state",
         ] {
             assert!(d.get(k).is_some_and(|v| !v.is_null()), "{k} missing: {d}");
         }
@@ -370,7 +399,10 @@ mod tests {
         assert_eq!(d["envdVersion"], "0.3.1");
         assert_eq!(d["alias"], "code-interpreter");
         assert_eq!(d["metadata"], json!({"run": "7"}));
-        assert_eq!(d["lifecycle"], json!({"autoResume": false, "onTimeout": "kill"}));
+        assert_eq!(
+            d["lifecycle"],
+            json!({"autoResume": false, "onTimeout": "kill"})
+        );
         let s = serde_json::to_value(sandbox(&claim, None, None)).unwrap();
         assert_eq!(s["envdVersion"], DEFAULT_ENVD_VERSION);
         assert!(s["domain"].is_null() && s.get("domain").is_some());

@@ -133,7 +133,11 @@ impl App {
         })?;
         let pool_name = pool.name_any();
         if !req.env_vars.is_empty()
-            && pool.annotations().get(e2b::ANN_ENV_VARS).map(String::as_str) == Some("false")
+            && pool
+                .annotations()
+                .get(e2b::ANN_ENV_VARS)
+                .map(String::as_str)
+                == Some("false")
         {
             return Err(bad_request(format!(
                 "template {} does not accept envVars (its pool sets {}: \"false\")",
@@ -214,7 +218,8 @@ impl App {
             .map_err(|e| bad_request(e.to_string()))?;
         let mut pod_annotations = BTreeMap::new();
         if !req.env_vars.is_empty() {
-            let env = serde_json::to_string(&req.env_vars).map_err(|e| bad_request(e.to_string()))?;
+            let env =
+                serde_json::to_string(&req.env_vars).map_err(|e| bad_request(e.to_string()))?;
             pod_annotations.insert(e2b::POD_ANN_ENV_VARS.to_string(), env);
         }
         let mut meta = json!({
@@ -273,7 +278,10 @@ impl App {
                 .await
                 .is_err()
             {
-                let _ = self.claims_api().delete(name, &DeleteParams::default()).await;
+                let _ = self
+                    .claims_api()
+                    .delete(name, &DeleteParams::default())
+                    .await;
                 return Err(Answer::error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!(
@@ -315,6 +323,33 @@ impl App {
         Ok(Answer::empty())
     }
 
+    /// Waits (on the claim watch, up to 5 s) until this replica's view of claim `name` satisfies
+    /// `done`, so a read right after a write answers with what was written.
+    async fn until_seen(&self, name: &str, done: impl Fn(Option<&SandboxClaim>) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let mut changed = self.claims_changed.subscribe();
+        loop {
+            let claim = self
+                .claims
+                .state()
+                .into_iter()
+                .find(|c| c.metadata.name.as_deref() == Some(name));
+            if done(claim.as_deref()) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, changed.changed())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    claim = name,
+                    "the claim watch did not show a write within 5 s"
+                );
+                return;
+            }
+        }
+    }
+
     /// Writes `spec.timeout` so that `creationTimestamp + timeout` is `at` (rounded up).
     async fn set_expiry(&self, claim: &SandboxClaim, at: jiff::Timestamp) -> Result<()> {
         let created = claim
@@ -324,11 +359,20 @@ impl App {
             .map(|t| t.0)
             .unwrap_or_else(jiff::Timestamp::now);
         let secs = at.duration_since(created).as_secs_f64().ceil().max(1.0) as u64;
-        let patch = json!({"spec": {"timeout": format!("{secs}s")}});
+        let timeout = format!("{secs}s");
+        let patch = json!({"spec": {"timeout": timeout}});
         self.claims_api()
-            .patch(&claim.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+            .patch(
+                &claim.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
             .await
             .map_err(upstream)?;
+        self.until_seen(&claim.name_any(), |c| {
+            c.is_none_or(|c| c.spec.timeout.as_deref() == Some(timeout.as_str()))
+        })
+        .await;
         Ok(())
     }
 
@@ -353,6 +397,9 @@ impl App {
             Err(kube::Error::Api(e)) if e.code == 404 => return Err(not_found(id)),
             Err(e) => return Err(upstream(e)),
         }
+        // The claim goes once the controller has released its pod (its finalizer): then the
+        // gateway no longer routes to it.
+        self.until_seen(&claim.name_any(), |c| c.is_none()).await;
         tracing::info!(team = %team.name, sandbox_id = %id, "sandbox killed");
         // A sandbox that had already ended is gone: the SDK reads 404 as "already killed".
         if running {
@@ -418,7 +465,8 @@ impl App {
         let mut answer = Answer::json(StatusCode::OK, Value::Array(items));
         if more {
             if let Some(last) = page.last() {
-                let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(order_key(last));
+                let token =
+                    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(order_key(last));
                 answer = answer.with_header("x-next-token", token);
             }
         }
@@ -462,7 +510,9 @@ fn unsupported_options(req: &NewSandbox) -> Result<()> {
         Some(_) => true,
     };
     if enabled(&req.auto_resume) {
-        return Err(bad_request("autoResume is not supported: sandboxes are never paused"));
+        return Err(bad_request(
+            "autoResume is not supported: sandboxes are never paused",
+        ));
     }
     if req.mcp.as_ref().is_some_and(|v| !v.is_null()) {
         return Err(bad_request("mcp is not supported by sandgate"));

@@ -147,8 +147,14 @@ pub fn keygen(k: &Keygen) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     anyhow::ensure!(!k.team.is_empty(), "--team must not be empty");
     let key = generate();
-    eprintln!("API key for team {} (shown once; store it now):\n{key}\n", k.team);
-    println!("{}", secret_yaml(&k.team, &k.namespace, &hash(&key), k.max_sandboxes));
+    eprintln!(
+        "API key for team {} (shown once; store it now):\n{key}\n",
+        k.team
+    );
+    println!(
+        "{}",
+        secret_yaml(&k.team, &k.namespace, &hash(&key), k.max_sandboxes)
+    );
     Ok(())
 }
 
@@ -213,11 +219,23 @@ mod tests {
             d.insert(k.into(), v.as_bytes().to_vec());
             d
         };
-        assert_eq!(from_secret_data(&base("sha256", "xyz")), Err(BadSecret::Hash));
-        assert_eq!(from_secret_data(&base("team", "not a label")), Err(BadSecret::Team));
-        assert_eq!(from_secret_data(&base("max-sandboxes", "0")), Err(BadSecret::Limit));
         assert_eq!(
-            from_secret_data(&base("max-sandboxes", "5")).unwrap().1.max_sandboxes,
+            from_secret_data(&base("sha256", "xyz")),
+            Err(BadSecret::Hash)
+        );
+        assert_eq!(
+            from_secret_data(&base("team", "not a label")),
+            Err(BadSecret::Team)
+        );
+        assert_eq!(
+            from_secret_data(&base("max-sandboxes", "0")),
+            Err(BadSecret::Limit)
+        );
+        assert_eq!(
+            from_secret_data(&base("max-sandboxes", "5"))
+                .unwrap()
+                .1
+                .max_sandboxes,
             Some(5)
         );
     }

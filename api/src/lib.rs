@@ -59,16 +59,16 @@ pub struct App {
 /// Every Kubernetes API call this binary makes, as (API group, resource, verb). The RBAC test checks
 /// deploy/rbac.yaml grants exactly these.
 pub const API_CALLS: &[(&str, &str, &str)] = &[
-    ("sandgate.dev", "sandboxclaims", "list"),   // the claim watch
-    ("sandgate.dev", "sandboxclaims", "watch"),  // the claim watch
-    ("sandgate.dev", "sandboxclaims", "get"),    // an Idempotency-Key seen before
+    ("sandgate.dev", "sandboxclaims", "list"), // the claim watch
+    ("sandgate.dev", "sandboxclaims", "watch"), // the claim watch
+    ("sandgate.dev", "sandboxclaims", "get"),  // an Idempotency-Key seen before
     ("sandgate.dev", "sandboxclaims", "create"), // create
-    ("sandgate.dev", "sandboxclaims", "patch"),  // set_timeout, connect
+    ("sandgate.dev", "sandboxclaims", "patch"), // set_timeout, connect
     ("sandgate.dev", "sandboxclaims", "delete"), // kill, a create that timed out
-    ("sandgate.dev", "sandboxpools", "list"),    // templates
-    ("sandgate.dev", "sandboxpools", "watch"),   // templates
-    ("", "secrets", "list"),                     // API keys (label-selected)
-    ("", "secrets", "watch"),                    // API keys
+    ("sandgate.dev", "sandboxpools", "list"),  // templates
+    ("sandgate.dev", "sandboxpools", "watch"), // templates
+    ("", "secrets", "list"),                   // API keys (label-selected)
+    ("", "secrets", "watch"),                  // API keys
 ];
 
 /// The largest request body read.
@@ -163,7 +163,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         registry,
         ready: {
             let (synced, shutdown) = (synced.clone(), shutdown.clone());
-            Box::new(move || synced.load(std::sync::atomic::Ordering::SeqCst) && !shutdown.is_fired())
+            Box::new(move || {
+                synced.load(std::sync::atomic::Ordering::SeqCst) && !shutdown.is_fired()
+            })
         },
         before_scrape: Box::new(|| {}),
         extra: None,

@@ -30,7 +30,11 @@ impl ApiMetrics {
             create_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
             keys: Gauge::default(),
         };
-        r.register("requests", "Requests by route and status code", m.requests.clone());
+        r.register(
+            "requests",
+            "Requests by route and status code",
+            m.requests.clone(),
+        );
         r.register(
             "create_duration_seconds",
             "From a create request to its 201",

@@ -13,7 +13,10 @@ pub enum Route {
     Connect(String),
     SetTimeout(String),
     /// Pause, resume, snapshots, metrics: answered 501 with what to do instead.
-    Unsupported { what: &'static str, id: String },
+    Unsupported {
+        what: &'static str,
+        id: String,
+    },
     /// A known path with another method: 405.
     MethodNotAllowed,
     NotFound,
@@ -81,8 +84,14 @@ mod tests {
             (r(Method::POST, "/v2/sandboxes"), Route::Create),
             (r(Method::GET, "/v2/sandboxes"), Route::List),
             (r(Method::GET, "/sandboxes/"), Route::List),
-            (r(Method::GET, "/sandboxes/sbx-1"), Route::Get("sbx-1".into())),
-            (r(Method::DELETE, "/sandboxes/sbx-1"), Route::Kill("sbx-1".into())),
+            (
+                r(Method::GET, "/sandboxes/sbx-1"),
+                Route::Get("sbx-1".into()),
+            ),
+            (
+                r(Method::DELETE, "/sandboxes/sbx-1"),
+                Route::Kill("sbx-1".into()),
+            ),
             (
                 r(Method::POST, "/sandboxes/sbx-1/connect"),
                 Route::Connect("sbx-1".into()),
@@ -110,7 +119,10 @@ mod tests {
                 },
             ),
             (r(Method::PUT, "/sandboxes"), Route::MethodNotAllowed),
-            (r(Method::GET, "/sandboxes/sbx-1/connect"), Route::MethodNotAllowed),
+            (
+                r(Method::GET, "/sandboxes/sbx-1/connect"),
+                Route::MethodNotAllowed,
+            ),
             (r(Method::GET, "/templates"), Route::NotFound),
             (r(Method::GET, "/"), Route::NotFound),
             (r(Method::GET, "/health"), Route::Health),

@@ -152,7 +152,8 @@ impl SandboxClaim {
     /// refused earlier (`validate::check_claim`).
     pub fn expires_at(&self) -> Option<jiff::Timestamp> {
         let created = self.metadata.creation_timestamp.as_ref()?.0;
-        let timeout = sandgate_shared::duration::parse_duration(self.spec.timeout.as_deref()?).ok()?;
+        let timeout =
+            sandgate_shared::duration::parse_duration(self.spec.timeout.as_deref()?).ok()?;
         let span = jiff::SignedDuration::try_from(timeout).ok()?;
         created.checked_add(span).ok()
     }

@@ -583,7 +583,9 @@ async fn stop_reason_in_api(ctx: &Ctx, ns: &str, status: &SandboxClaimStatus) ->
     let name = status.pod_name.as_deref()?;
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     let pod = api.get_opt(name).await.ok()??;
-    pod.annotations().get(&ctx.contract.ann_stop_reason).cloned()
+    pod.annotations()
+        .get(&ctx.contract.ann_stop_reason)
+        .cloned()
 }
 
 /// A bound claim's absolute lifetime (`spec.timeout`): keeps `status.expiresAt` current, releases
@@ -637,25 +639,28 @@ async fn expire(
         phase: ClaimPhase::Released,
         stop: Some(stop_record(
             "Timeout",
-            Some(format!("spec.timeout {} reached", claim.spec.timeout.as_deref().unwrap_or_default())),
+            Some(format!(
+                "spec.timeout {} reached",
+                claim.spec.timeout.as_deref().unwrap_or_default()
+            )),
         )),
         ..status.clone()
     };
     set_status(ctx, claim, &released).await?;
     tracing::info!(claim = %claim.name_any(), sandbox_id = %id, "claim timeout: sandbox released");
-    event(ctx, claim, "Timeout", format!("sandbox {id} released: its timeout passed")).await;
+    event(
+        ctx,
+        claim,
+        "Timeout",
+        format!("sandbox {id} released: its timeout passed"),
+    )
+    .await;
     Ok(Action::await_change())
 }
 
 /// Flips a claimed pod to `stopping` with a stop reason, only if it still runs `id` (a pod
 /// re-claimed or already released since is left alone).
-async fn release_pod(
-    ctx: &Ctx,
-    ns: &str,
-    pod: &str,
-    id: &str,
-    reason: &str,
-) -> Result<(), Error> {
+async fn release_pod(ctx: &Ctx, ns: &str, pod: &str, id: &str, reason: &str) -> Result<(), Error> {
     let c = &ctx.contract;
     let label = |k: &str| format!("/metadata/labels/{}", crate::idle::json_pointer(k));
     let ann = |k: &str| format!("/metadata/annotations/{}", crate::idle::json_pointer(k));

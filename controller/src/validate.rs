@@ -123,7 +123,10 @@ mod tests {
                 json!({"poolName": "p", "idleTimeout": "soon"}),
                 Some("spec.idleTimeout"),
             ),
-            (json!({"poolName": "p", "timeout": "0s"}), Some("spec.timeout")),
+            (
+                json!({"poolName": "p", "timeout": "0s"}),
+                Some("spec.timeout"),
+            ),
             (json!({"poolName": "p", "timeout": "300s"}), None),
             (
                 json!({"poolName": "p", "labels": {"sandgate.dev/phase": "idle"}}),

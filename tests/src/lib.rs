@@ -7,6 +7,7 @@
 
 pub mod apidouble;
 pub mod cluster;
+pub mod e2b;
 pub mod echo;
 pub mod envoy;
 pub mod kubelet;

@@ -403,7 +403,9 @@ async fn grpc_unary_and_server_streaming_calls_reach_a_sandbox_over_h2c() {
         .await
         .unwrap();
     let (reporter, service) = tonic_health::server::health_reporter();
-    reporter.set_service_status("sandbox", Status::Serving).await;
+    reporter
+        .set_service_status("sandbox", Status::Serving)
+        .await;
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(service)
@@ -420,9 +422,17 @@ async fn grpc_unary_and_server_streaming_calls_reach_a_sandbox_over_h2c() {
     let request = || HealthCheckRequest {
         service: "sandbox".into(),
     };
-    let status = client.check(request()).await.expect("unary call").into_inner();
+    let status = client
+        .check(request())
+        .await
+        .expect("unary call")
+        .into_inner();
     assert_eq!(status.status(), ServingStatus::Serving);
-    let mut watch = client.watch(request()).await.expect("streaming call").into_inner();
+    let mut watch = client
+        .watch(request())
+        .await
+        .expect("streaming call")
+        .into_inner();
     let first = watch.message().await.unwrap().unwrap();
     assert_eq!(first.status(), ServingStatus::Serving);
     reporter

@@ -96,6 +96,27 @@ impl Default for Store {
     }
 }
 
+/// As the API server does for Secrets: `stringData` is written into `data` (base64) and dropped.
+fn string_data_to_data(obj: &mut Value) {
+    use base64::Engine as _;
+    let Some(Value::Object(plain)) = obj.as_object_mut().and_then(|o| o.remove("stringData"))
+    else {
+        return;
+    };
+    let data = obj
+        .as_object_mut()
+        .map(|o| o.entry("data").or_insert_with(|| json!({})));
+    if let Some(Value::Object(data)) = data {
+        for (k, v) in plain {
+            let text = v.as_str().unwrap_or_default().to_string();
+            data.insert(
+                k,
+                json!(base64::engine::general_purpose::STANDARD.encode(text)),
+            );
+        }
+    }
+}
+
 fn now() -> String {
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -154,6 +175,9 @@ impl Store {
     }
 
     pub fn create(&self, resource: &str, ns: &str, mut obj: Value) -> Result<Value, ApiError> {
+        if resource == "secrets" {
+            string_data_to_data(&mut obj);
+        }
         let mut inner = self.lock();
         let meta = obj
             .get_mut("metadata")
