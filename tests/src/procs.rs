@@ -169,6 +169,42 @@ pub async fn get(
     })
 }
 
+/// One HTTP/1.1 request with a JSON body (or none).
+pub async fn request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<Reply> {
+    let stream = TcpStream::connect(addr).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, addr.to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let bytes = body.map(|b| b.to_string()).unwrap_or_default();
+    if !bytes.is_empty() {
+        req = req.header(http::header::CONTENT_TYPE, "application/json");
+    }
+    let resp = sender
+        .send_request(req.body(http_body_util::Full::new(Bytes::from(bytes)))?)
+        .await?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok(Reply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
 /// A running sandgate-extproc, killed on drop.
 pub struct Extproc {
     pub grpc_port: u16,
