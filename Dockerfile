@@ -10,9 +10,10 @@ RUN rustup target add x86_64-unknown-linux-musl \
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked --target x86_64-unknown-linux-musl \
-      -p sandgate-extproc -p sandgate-controller \
+      -p sandgate-extproc -p sandgate-controller -p sandgate-api \
  && cp target/x86_64-unknown-linux-musl/release/sandgate-extproc \
-       target/x86_64-unknown-linux-musl/release/sandgate-controller /
+       target/x86_64-unknown-linux-musl/release/sandgate-controller \
+       target/x86_64-unknown-linux-musl/release/sandgate-api /
 
 FROM build AS echo-build
 RUN cargo build --release --locked --target x86_64-unknown-linux-musl -p sandgate-tests --bin sandgate-echo \
@@ -24,6 +25,6 @@ USER 65532:65532
 ENTRYPOINT ["/sandgate-echo"]
 
 FROM gcr.io/distroless/static-debian12:nonroot
-COPY --from=build /sandgate-extproc /sandgate-controller /
+COPY --from=build /sandgate-extproc /sandgate-controller /sandgate-api /
 USER 65532:65532
 ENTRYPOINT ["/sandgate-extproc"]

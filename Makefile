@@ -3,7 +3,7 @@ ENVOY_VERSION := 1.40.0
 ENVOY := .tools/envoy/envoy/_bin/envoy
 CARGO ?= cargo
 
-.PHONY: e2b-sdks run test test-unit test-realapi test-double test-cluster controlplane bench bench-build bench-dataplane bench-streams bench-idle bench-pool build lint envoy render clean
+.PHONY: e2b-sdks run test test-unit test-realapi test-double test-cluster controlplane bench bench-build bench-dataplane bench-streams bench-e2b bench-idle bench-pool build lint envoy render clean
 
 $(ENVOY):
 	python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
@@ -64,7 +64,7 @@ test-cluster: $(ENVOY) controlplane build
 	PATH="$$(tests/controlplane/build.sh):$$PATH" CARGO=$(CARGO) tests/scenarios.sh cluster
 
 ## bench: data plane (three Envoy variants, decision microbenchmark, memory), idle release, pools.
-bench: bench-dataplane bench-streams bench-idle bench-pool
+bench: bench-dataplane bench-streams bench-idle bench-pool bench-e2b
 
 bench-build: $(ENVOY)
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
@@ -76,6 +76,10 @@ bench-dataplane: bench-build
 ## bench-streams: latency to other sandboxes while 1,200 WebSockets are open.
 bench-streams: bench-build
 	./target/release/sandgate-bench-streams
+
+## bench-e2b: the E2B SDK's create → first 200 through Envoy, 100 sandboxes.
+bench-e2b: bench-build e2b-sdks
+	./target/release/sandgate-bench-e2b
 
 bench-idle: bench-build
 	./target/release/sandgate-bench-idle

@@ -234,6 +234,7 @@ fn every_flag_is_documented_in_operating_md() {
     for cmd in [
         sandgate_extproc::Config::command(),
         sandgate_controller::Config::command(),
+        sandgate_api::Cli::command(),
     ] {
         for a in cmd.get_arguments() {
             if let Some(long) = a.get_long() {

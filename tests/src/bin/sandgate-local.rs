@@ -173,6 +173,14 @@ async fn main() -> anyhow::Result<()> {
     })
     .await;
 
+    let e2b = start_e2b(
+        &client,
+        &kubeconfig,
+        &run_dir,
+        &args.domain,
+        local.listen_port,
+    )
+    .await?;
     let d = &args.domain;
     let p = local.listen_port;
     println!(
@@ -195,10 +203,97 @@ async fn main() -> anyhow::Result<()> {
          \x20 KUBECONFIG=.run/kubeconfig kubectl get sandboxpools -o custom-columns=NAME:.metadata.name,AVAILABLE:.status.available,CLAIMED:.status.claimed\n\
          \x20 # idle 30 s → the sandbox is released, the claim turns Released, the pool refills to 3\n\
          \x20 KUBECONFIG=.run/kubeconfig kubectl create --validate=false -f - <<< '{{\"apiVersion\":\"sandgate.dev/v1alpha1\",\"kind\":\"SandboxClaim\",\"metadata\":{{\"name\":\"mine\"}},\"spec\":{{\"poolName\":\"agents\"}}}}'\n\
+\n\nThe E2B API (sandgate-api on 127.0.0.1:3000, template `base`), for the unmodified E2B SDK:\n\
+         {lines}\n\
+         \x20 # the same lines are in .run/e2b.env; with the `e2b` package installed:\n\
+         \x20 set -a; . .run/e2b.env; set +a; python3 - <<'EOF'\n\
+         from e2b import Sandbox\n\
+         import urllib.request\n\
+         sbx = Sandbox.create(template=\"base\")\n\
+         req = urllib.request.Request(\"http://127.0.0.1:{p}/\", headers={{\"Host\": sbx.get_host(8080)}})\n\
+         print(urllib.request.urlopen(req).read().decode()); sbx.kill()\n\
+         EOF\n\
 \nLogs in .run/. Ctrl-C stops everything.",
-        api.addr
+        api.addr,
+        lines = e2b.lines.iter().map(|l| format!("  export {l}")).collect::<Vec<_>>().join("\n"),
     );
     sandgate_tests::procs::ctrl_c().await;
     println!("stopping");
+    drop(e2b);
     Ok(())
+}
+
+/// sandgate-api on 127.0.0.1:3000 with a pool `base` (pods serving 8080 and envd's 49983) and a
+/// fresh API key; writes `.run/e2b.env`.
+struct LocalE2b {
+    lines: Vec<String>,
+    _api: tokio::process::Child,
+}
+
+async fn start_e2b(
+    client: &kube::Client,
+    kubeconfig: &std::path::Path,
+    run_dir: &std::path::Path,
+    domain: &str,
+    gateway_port: u16,
+) -> anyhow::Result<LocalE2b> {
+    let pools: Api<sandgate_controller::crd::SandboxPool> =
+        Api::namespaced(client.clone(), "default");
+    pools
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "apiVersion": "sandgate.dev/v1alpha1", "kind": "SandboxPool",
+                "metadata": {"name": "base", "namespace": "default"},
+                "spec": {"replicas": 2, "port": 8080, "defaultIdleTimeout": "10m",
+                         "template": {"spec": {"containers": [{"name": "sandbox", "image": "sandgate/echo",
+                             "ports": [{"containerPort": 8080}, {"containerPort": 49983}]}]}}},
+            }))?,
+        )
+        .await?;
+    let key = sandgate_api::keys::generate();
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(client.clone(), "default");
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": "e2b-key-local", "labels": {sandgate_api::keys::SECRET_LABEL: "true"}},
+                "stringData": {"team": "local", "sha256": sandgate_api::keys::hash(&key)},
+            }))?,
+        )
+        .await?;
+    let log = std::fs::File::create(run_dir.join("api.log"))?;
+    let api = Command::new(bin_path("sandgate-api"))
+        .env("KUBECONFIG", kubeconfig)
+        .args(["--namespace", "default", "--sandbox-domain", domain])
+        .args([
+            "--listen-addr",
+            "127.0.0.1:3000",
+            "--admin-addr",
+            "127.0.0.1:9093",
+        ])
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()?;
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], 9093));
+    eventually(Duration::from_secs(20), || async {
+        match get(admin, "localhost", "/readyz", &[]).await {
+            Ok(r) if r.status == 200 => Ok(()),
+            other => Err(format!(
+                "sandgate-api not ready: {other:?} (see .run/api.log)"
+            )),
+        }
+    })
+    .await;
+    let lines = vec![
+        "E2B_API_URL=http://127.0.0.1:3000".to_string(),
+        format!("E2B_API_KEY={key}"),
+        format!("E2B_DOMAIN={domain}"),
+        format!("E2B_SANDBOX_URL=http://127.0.0.1:{gateway_port}"),
+    ];
+    std::fs::write(run_dir.join("e2b.env"), lines.join("\n") + "\n")?;
+    Ok(LocalE2b { lines, _api: api })
 }
