@@ -147,10 +147,14 @@ pub fn is_live(claim: &SandboxClaim) -> bool {
         )
 }
 
-/// Whether the claim's sandbox runs now.
+/// Whether the claim's sandbox runs now: Bound, not being deleted, and not past its expiry
+/// (the controller's release may still be on its way).
 pub fn is_running(claim: &SandboxClaim) -> bool {
     claim.metadata.deletion_timestamp.is_none()
         && claim.status.as_ref().map(|s| &s.phase) == Some(&ClaimPhase::Bound)
+        && claim
+            .expires_at()
+            .is_none_or(|e| e > jiff::Timestamp::now())
 }
 
 /// The sandbox ID of a bound claim.

@@ -37,6 +37,11 @@ pub struct SandboxPoolSpec {
     /// Idle pods older than this are replaced (e.g. `24h`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_pod_age: Option<String>,
+    /// Finished (Released or Failed) claims of this pool are deleted this long after their
+    /// sandbox stopped, unless a claim sets its own `ttlSecondsAfterFinished`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub claim_ttl_seconds_after_finished: Option<i64>,
     /// The sandbox's default port (written as the pods' `port` annotation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
@@ -90,6 +95,11 @@ pub struct SandboxClaimSpec {
     /// Unset: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
+    /// Deleted this long after its sandbox stopped (Released or Failed); else the pool's
+    /// `claimTtlSecondsAfterFinished`; else kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub ttl_seconds_after_finished: Option<i64>,
     /// Added to the claimed pod.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub labels: std::collections::BTreeMap<String, String>,
@@ -145,6 +155,15 @@ pub struct StopRecord {
     pub stopped_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The exit code of a container that ended the sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// The images the pod ran.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<String>,
+    /// When the sandbox was last used, as the controller recorded it (idle releases).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_active: Option<String>,
 }
 
 impl SandboxClaim {

@@ -109,10 +109,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 }
             }
         });
+        // Pools through one reflector: the pool controller is driven by it and claims read
+        // their pool from it (no API read per claim reconcile).
+        let (pool_reader, pool_writer) = reflector::store();
+        let pool_stream = reflector::reflector(pool_writer, watcher(pools, Default::default()))
+            .default_backoff()
+            .touched_objects();
         let ctx = Arc::new(lifecycle::Ctx {
             client: client.clone(),
             contract: contract.clone(),
             pods: reader.clone(),
+            pool_store: pool_reader.clone(),
             expectations: Default::default(),
             bound: Default::default(),
             waiting: Default::default(),
@@ -130,7 +137,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         });
         tokio::spawn(async move {
             let _ = reader.wait_until_ready().await;
-            lifecycle::run(ctx, pools, claims, pool_triggers, claim_triggers).await
+            lifecycle::run(
+                ctx,
+                (pool_stream, pool_reader),
+                claims,
+                pool_triggers,
+                claim_triggers,
+            )
+            .await
         });
     }
 

@@ -7,6 +7,7 @@
 //!   releases its sandbox; a sandbox released for idleness marks its claim Released.
 
 use std::collections::{HashMap, HashSet};
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -34,7 +35,9 @@ use crate::pool::{plan_pool, Expectations, PodView};
 const POOL_FINALIZER: &str = "sandgate.dev/pool";
 const CLAIM_FINALIZER: &str = "sandgate.dev/claim";
 /// Pod annotation naming the claim that bound it (`<namespace>/<name>`).
-const ANN_CLAIM: &str = "sandgate.dev/claim";
+use crate::pool::CLAIM_ANNOTATION as ANN_CLAIM;
+/// Pod annotation holding the UID of the claim that bound it: a claim finds its pod by it.
+const ANN_CLAIM_UID: &str = "sandgate.dev/claim-uid";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -91,15 +94,28 @@ impl LifecycleMetrics {
     }
 }
 
+/// A claim waiting for a pod of its pool.
+#[derive(Debug, Clone)]
+pub struct Waiter {
+    /// `<namespace>/<pool>`.
+    pub pool: String,
+    /// Served in this order: creation time, then name.
+    pub order: (i64, String),
+    pub claim: ObjectRef<SandboxClaim>,
+}
+
 pub struct Ctx {
     pub client: kube::Client,
     pub contract: Contract,
     /// Pods carrying the pool label.
     pub pods: Store<Pod>,
     pub expectations: Expectations,
+    /// Pools, from the reflector that drives the pool controller.
+    pub pool_store: Store<SandboxPool>,
     /// Claims this process bound, by claim UID → pod name (until the status shows it).
     pub bound: Mutex<HashMap<String, String>>,
-    pub waiting: Mutex<HashSet<String>>,
+    /// Claims waiting for an idle pod, by claim UID; a pool pod's change wakes its pool's.
+    pub waiting: Mutex<HashMap<String, Waiter>>,
     /// Per pool: consecutive failed pods (each counted once, by name), when the last was seen.
     pub failures: Mutex<HashMap<String, (HashSet<String>, Instant)>>,
     pub domain: Option<String>,
@@ -230,7 +246,17 @@ async fn apply_pool(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, Err
         None => None,
     };
     let pods = pool_pods(ctx, &ns, &name);
-    let views: Vec<PodView> = pods.iter().map(|p| PodView::of(p, &ctx.contract)).collect();
+    let hash = crate::pool::template_hash(&pool.spec.template);
+    let views: Vec<PodView> = pods
+        .iter()
+        .map(|p| PodView {
+            outdated: p
+                .annotations()
+                .get(crate::pool::TEMPLATE_HASH_ANNOTATION)
+                .is_some_and(|h| h != &hash),
+            ..PodView::of(p, &ctx.contract)
+        })
+        .collect();
     let seen: HashSet<&str> = views.iter().map(|v| v.name.as_str()).collect();
     let key = format!("{ns}/{name}");
     let expected = ctx.expectations.pending(&key, &seen);
@@ -330,21 +356,28 @@ async fn apply_pool(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, Err
     if backoff.is_some() {
         plan.create = 0;
     }
-    for _ in 0..plan.create {
-        let pod = pool_pod(pool, &ctx.contract, &name);
-        let pod_name = pod.metadata.name.clone().unwrap_or_default();
-        ctx.expectations.expect(&key, &pod_name);
-        pods_api.create(&PostParams::default(), &pod).await?;
-        tracing::debug!(pool = %key, pod = %pod_name, "pod created");
-    }
-    for (phase, n) in &plan.status.replicas {
+    let create_error = create_pods(ctx, pool, &key, plan.create).await;
+    // Every phase, so one that no longer has pods reads 0 rather than its last count.
+    for phase in [
+        Phase::Idle,
+        Phase::Starting,
+        Phase::Running,
+        Phase::Stopping,
+        Phase::Failed,
+    ] {
+        let n = plan
+            .status
+            .replicas
+            .get(phase.as_str())
+            .copied()
+            .unwrap_or(0);
         ctx.metrics
             .pool_pods
             .get_or_create(&PoolPhase {
                 pool: key.clone(),
-                phase: phase.clone(),
+                phase: phase.as_str().to_string(),
             })
-            .set(i64::from(*n));
+            .set(i64::from(n));
     }
     tracing::debug!(pool = %key, cached = views.len(), expected, create = plan.create, delete = plan.delete.len(), mark_idle = plan.mark_idle.len(), backoff = ?backoff, "pool reconciled");
     let rotate_in = plan.rotate_in;
@@ -354,27 +387,101 @@ async fn apply_pool(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, Err
         .status
         .as_ref()
         .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
-    status.conditions = vec![crate::pool::ready_condition(
-        &status,
-        pool.spec.replicas,
-        backoff.is_some(),
-        previous,
-        pool.metadata.generation,
-        jiff::Timestamp::now(),
-    )];
+    let problem = create_error
+        .clone()
+        .map(|e| ("PodCreateFailed".to_string(), e))
+        .or_else(|| {
+            pods.iter()
+                .filter(|p| PodView::of(p, &ctx.contract).phase == Some(Phase::Starting))
+                .find_map(|p| crate::pool::pod_problem(p))
+        });
+    let ready = crate::pool::diagnosed(
+        crate::pool::ready_condition(
+            &status,
+            pool.spec.replicas,
+            backoff.is_some(),
+            previous,
+            pool.metadata.generation,
+            jiff::Timestamp::now(),
+        ),
+        problem,
+    );
+    if ready.status != "True" && previous.is_none_or(|p| p.reason != ready.reason) {
+        if ready.reason != "Replenishing" && ready.reason != "Full" {
+            event_warning(ctx, pool, &ready.reason, ready.message.clone()).await;
+        }
+    }
+    status.conditions = vec![ready];
+    let mut patch = json!({ "status": status });
+    // A merge patch keeps keys it does not name: phases that no longer have pods are removed.
+    for gone in pool
+        .status
+        .iter()
+        .flat_map(|s| s.replicas.keys())
+        .filter(|k| !status.replicas.contains_key(*k))
+    {
+        patch["status"]["replicas"][gone] = serde_json::Value::Null;
+    }
     let api: Api<SandboxPool> = Api::namespaced(ctx.client.clone(), &ns);
-    api.patch_status(
-        &name,
-        &PatchParams::default(),
-        &Patch::Merge(&json!({"status": status})),
-    )
-    .await?;
-    // Looked at again by the next failure backoff, the next rotation, or 30 s at the latest.
-    let again = [backoff, rotate_in]
+    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    // Looked at again by the next failure backoff, the next rotation, after a failed or
+    // unfinished create, or 30 s at the latest.
+    let creating = if create_error.is_some() {
+        Some(Duration::from_secs(5))
+    } else if plan.create > MAX_CREATES_PER_PASS {
+        Some(Duration::from_millis(100))
+    } else {
+        None
+    };
+    let again = [backoff, rotate_in, creating]
         .into_iter()
         .flatten()
         .fold(Duration::from_secs(30), Duration::min);
     Ok(Action::requeue(again.max(Duration::from_millis(100))))
+}
+
+/// The most pods one pool pass creates: refills are rate-shaped, so a claim burst is not starved
+/// by them, and a scale-up writes its status every pass.
+const MAX_CREATES_PER_PASS: usize = 64;
+
+/// Creates up to `n` (at most [`MAX_CREATES_PER_PASS`]) pool pods in growing batches (1, 2, 4, …,
+/// each batch's creates concurrent), as ReplicaSets do, stopping at the first refusal (a quota
+/// 403, say). Returns the refusal, for the pool's status.
+async fn create_pods(ctx: &Ctx, pool: &SandboxPool, key: &str, n: usize) -> Option<String> {
+    let (ns, name) = (pool.namespace().unwrap_or_default(), pool.name_any());
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut left = n.min(MAX_CREATES_PER_PASS);
+    let mut batch = 1;
+    while left > 0 {
+        let size = batch.min(left);
+        let creates = (0..size).map(|_| {
+            let pod = pool_pod(pool, &ctx.contract, &name);
+            let pod_name = pod.metadata.name.clone().unwrap_or_default();
+            ctx.expectations.expect(key, &pod_name);
+            let api = pods_api.clone();
+            async move { (pod_name, api.create(&PostParams::default(), &pod).await) }
+        });
+        let mut refused = None;
+        for (pod_name, r) in futures::future::join_all(creates).await {
+            match r {
+                Ok(_) => tracing::debug!(pool = %key, pod = %pod_name, "pod created"),
+                Err(e) => {
+                    tracing::warn!(pool = %key, error = %e, "pod create refused");
+                    refused = Some(match e {
+                        kube::Error::Api(s) => s.message,
+                        other => other.to_string(),
+                    });
+                }
+            }
+        }
+        if refused.is_some() {
+            return refused;
+        }
+        left -= size;
+        batch *= 2;
+    }
+    None
 }
 
 /// A pool whose spec cannot work: `Ready` False with reason `InvalidSpec`, nothing created; looked
@@ -423,6 +530,10 @@ fn pool_pod(pool: &SandboxPool, c: &Contract, name: &str) -> Pod {
     labels.insert(c.label_phase.clone(), Phase::Starting.as_str().into());
     labels.remove(&c.label_sandbox_id);
     let ann = meta.annotations.get_or_insert_with(Default::default);
+    ann.insert(
+        crate::pool::TEMPLATE_HASH_ANNOTATION.into(),
+        crate::pool::template_hash(&pool.spec.template),
+    );
     if let Some(port) = pool.spec.port {
         ann.insert(c.ann_port.clone(), port.to_string());
     }
@@ -506,8 +617,8 @@ async fn set_pending(
         .status
         .as_ref()
         .and_then(|s| s.conditions.first())
-        .map(|c| c.reason.as_str());
-    if current == Some(reason) {
+        .map(|c| (c.reason.as_str(), c.message.as_str()));
+    if current == Some((reason, message.as_str())) {
         return Ok(());
     }
     let cond = k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
@@ -559,6 +670,49 @@ fn forget_waiter(ctx: &Ctx, uid: &str) {
     ctx.metrics.claims_waiting.set(waiting.len() as i64);
 }
 
+/// Records `claim` as waiting for its pool; returns its place among the pool's waiters (0 first).
+fn wait_in_line(ctx: &Ctx, claim: &SandboxClaim) -> usize {
+    let ns = claim.namespace().unwrap_or_default();
+    let pool = format!("{ns}/{}", claim.spec.pool_name);
+    let order = (
+        claim
+            .meta()
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.as_second())
+            .unwrap_or(0),
+        claim.name_any(),
+    );
+    let mut waiting = ctx.waiting.lock().unwrap_or_else(|e| e.into_inner());
+    waiting.insert(
+        claim.uid().unwrap_or_default(),
+        Waiter {
+            pool: pool.clone(),
+            order: order.clone(),
+            claim: ObjectRef::from_obj(claim),
+        },
+    );
+    ctx.metrics.claims_waiting.set(waiting.len() as i64);
+    waiting
+        .values()
+        .filter(|w| w.pool == pool && w.order < order)
+        .count()
+}
+
+/// The waiting claims of a pool pod's pool, to wake when the pod changes.
+fn waiters_of(ctx: &Ctx, pod: &Pod) -> Vec<ObjectRef<SandboxClaim>> {
+    let Some(pool) = pod.labels().get(&ctx.contract.label_pool) else {
+        return Vec::new();
+    };
+    let key = format!("{}/{pool}", pod.namespace().unwrap_or_default());
+    let waiting = ctx.waiting.lock().unwrap_or_else(|e| e.into_inner());
+    waiting
+        .values()
+        .filter(|w| w.pool == key)
+        .map(|w| w.claim.clone())
+        .collect()
+}
+
 /// The claim's bound pod, if it is still running the claim's sandbox.
 fn live_pod(ctx: &Ctx, ns: &str, status: &SandboxClaimStatus) -> Option<Arc<Pod>> {
     let name = status.pod_name.as_deref()?;
@@ -569,23 +723,126 @@ fn live_pod(ctx: &Ctx, ns: &str, status: &SandboxClaimStatus) -> Option<Arc<Pod>
     .then_some(pod)
 }
 
+/// A Released or Failed claim: deleted `ttlSecondsAfterFinished` (the claim's, else its pool's
+/// `claimTtlSecondsAfterFinished`) after its sandbox stopped; kept forever without one.
+async fn finished(
+    ctx: &Ctx,
+    claim: &SandboxClaim,
+    status: &SandboxClaimStatus,
+) -> Result<Action, Error> {
+    let ns = claim.namespace().unwrap_or_default();
+    let ttl = claim.spec.ttl_seconds_after_finished.or_else(|| {
+        ctx.pool_store
+            .get(&ObjectRef::new(&claim.spec.pool_name).within(&ns))
+            .and_then(|p| p.spec.claim_ttl_seconds_after_finished)
+    });
+    let Some(ttl) = ttl else {
+        return Ok(Action::await_change());
+    };
+    let stopped = status
+        .stop
+        .as_ref()
+        .map(|s| s.stopped_at.0)
+        .unwrap_or_else(jiff::Timestamp::now);
+    let due = stopped + jiff::SignedDuration::from_secs(ttl.max(0));
+    let now = jiff::Timestamp::now();
+    if now < due {
+        let left = Duration::try_from(due.duration_since(now)).unwrap_or_default();
+        return Ok(Action::requeue(left + Duration::from_millis(50)));
+    }
+    let api: Api<SandboxClaim> = Api::namespaced(ctx.client.clone(), &ns);
+    match api
+        .delete(&claim.name_any(), &DeleteParams::default())
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(claim = %claim.name_any(), ttl, "finished claim deleted after its TTL")
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(Action::await_change())
+}
+
 /// A stop record stamped now.
 fn stop_record(reason: &str, message: Option<String>) -> crate::crd::StopRecord {
     crate::crd::StopRecord {
         reason: reason.into(),
         stopped_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()),
         message,
+        exit_code: None,
+        images: Vec::new(),
+        last_active: None,
     }
 }
 
-/// Why the claim's pod was released, from its `stop-reason` annotation (None if it is gone).
-async fn stop_reason_in_api(ctx: &Ctx, ns: &str, status: &SandboxClaimStatus) -> Option<String> {
-    let name = status.pod_name.as_deref()?;
+/// How a dead pod ended, from its status: the first terminated container (its reason, exit
+/// code and finish time) or the pod's own reason (Evicted), and the images it ran.
+pub fn death_record(pod: &Pod) -> crate::crd::StopRecord {
+    let status = pod.status.clone().unwrap_or_default();
+    let terminated = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .find_map(|c| c.state.as_ref()?.terminated.clone());
+    let reason = status
+        .reason
+        .clone()
+        .or_else(|| terminated.as_ref().and_then(|t| t.reason.clone()))
+        .unwrap_or_else(|| "PodFailed".into());
+    let stopped_at = terminated
+        .as_ref()
+        .and_then(|t| t.finished_at.clone())
+        .unwrap_or(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            jiff::Timestamp::now(),
+        ));
+    let mut images: Vec<String> = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .filter_map(|c| c.image.clone())
+        .collect();
+    images.dedup();
+    crate::crd::StopRecord {
+        reason,
+        stopped_at,
+        message: status
+            .message
+            .clone()
+            .or_else(|| terminated.as_ref().and_then(|t| t.message.clone())),
+        exit_code: terminated.map(|t| t.exit_code),
+        images,
+        last_active: None,
+    }
+}
+
+/// How the claim's pod was released, from its `stop-reason`, `stopped-at` and `last-active`
+/// annotations (`PodGone` if it is gone).
+async fn release_record(
+    ctx: &Ctx,
+    ns: &str,
+    status: &SandboxClaimStatus,
+) -> crate::crd::StopRecord {
+    let mut record = stop_record("PodGone", None);
+    let Some(name) = status.pod_name.as_deref() else {
+        return record;
+    };
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    let pod = api.get_opt(name).await.ok()??;
-    pod.annotations()
-        .get(&ctx.contract.ann_stop_reason)
-        .cloned()
+    let Ok(Some(pod)) = api.get_opt(name).await else {
+        return record;
+    };
+    let ann = pod.annotations();
+    if let Some(r) = ann.get(&ctx.contract.ann_stop_reason) {
+        record.reason = r.clone();
+    }
+    if let Some(at) = ann
+        .get(&ctx.contract.ann_stopped_at)
+        .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+    {
+        record.stopped_at = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at);
+    }
+    record.last_active = ann.get(&ctx.contract.ann_last_active).cloned();
+    record
 }
 
 /// A bound claim's absolute lifetime (`spec.timeout`): keeps `status.expiresAt` current, releases
@@ -595,6 +852,16 @@ async fn bound_claim_lifetime(
     claim: &SandboxClaim,
     status: &SandboxClaimStatus,
 ) -> Result<Action, Error> {
+    let ns = claim.namespace().unwrap_or_default();
+    if let Some(pod) = live_pod(ctx, &ns, status) {
+        if matches!(
+            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Failed" | "Succeeded")
+        ) {
+            return sandbox_died(ctx, claim, status, &pod).await;
+        }
+    }
+    sync_idle_timeout(ctx, claim, status).await?;
     let Some(expires) = claim.expires_at() else {
         if status.expires_at.is_some() {
             let cleared = SandboxClaimStatus {
@@ -621,6 +888,76 @@ async fn bound_claim_lifetime(
     Ok(Action::requeue(
         left.min(Duration::from_secs(60)) + Duration::from_millis(20),
     ))
+}
+
+/// The claimed pod died (OOMKilled, an exit code, evicted): the claim turns Failed with the
+/// record of how, written before the pod is released (the pool deletes it after).
+async fn sandbox_died(
+    ctx: &Ctx,
+    claim: &SandboxClaim,
+    status: &SandboxClaimStatus,
+    pod: &Pod,
+) -> Result<Action, Error> {
+    let record = death_record(pod);
+    let id = status.sandbox_id.clone().unwrap_or_default();
+    let note = format!(
+        "sandbox {id} died: {}{}",
+        record.reason,
+        record
+            .exit_code
+            .map(|c| format!(" (exit code {c})"))
+            .unwrap_or_default()
+    );
+    let failed = SandboxClaimStatus {
+        phase: ClaimPhase::Failed,
+        stop: Some(record),
+        ..status.clone()
+    };
+    set_status(ctx, claim, &failed).await?;
+    tracing::warn!(claim = %claim.name_any(), pod = %pod.name_any(), %note, "claimed pod died");
+    event_warning(ctx, claim, "SandboxFailed", note).await;
+    release_pod(
+        ctx,
+        &claim.namespace().unwrap_or_default(),
+        &pod.name_any(),
+        &id,
+        "PodFailed",
+    )
+    .await?;
+    Ok(Action::await_change())
+}
+
+/// A bound claim's `spec.idleTimeout` changed: the pod's `idle-timeout` annotation follows.
+async fn sync_idle_timeout(
+    ctx: &Ctx,
+    claim: &SandboxClaim,
+    status: &SandboxClaimStatus,
+) -> Result<(), Error> {
+    let Some(want) = claim.spec.idle_timeout.as_deref() else {
+        return Ok(());
+    };
+    let ns = claim.namespace().unwrap_or_default();
+    let Some(pod) = live_pod(ctx, &ns, status) else {
+        return Ok(());
+    };
+    if pod
+        .annotations()
+        .get(&ctx.contract.ann_idle_timeout)
+        .map(String::as_str)
+        == Some(want)
+    {
+        return Ok(());
+    }
+    let patch = json!({"metadata": {"annotations": {ctx.contract.ann_idle_timeout.clone(): want}}});
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    api.patch(
+        &pod.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    tracing::info!(claim = %claim.name_any(), pod = %pod.name_any(), idle_timeout = want, "idle timeout changed");
+    Ok(())
 }
 
 /// Releases an expired claim's sandbox (guarded: only if the pod still runs this sandbox) and
@@ -713,7 +1050,7 @@ async fn apply_claim(claim: Arc<SandboxClaim>, ctx: Arc<Ctx>) -> Result<Action, 
     let uid = claim.uid().unwrap_or_default();
     let status = claim.status.clone().unwrap_or_default();
     match status.phase {
-        ClaimPhase::Released | ClaimPhase::Failed => return Ok(Action::await_change()),
+        ClaimPhase::Released | ClaimPhase::Failed => return finished(ctx, claim, &status).await,
         ClaimPhase::Bound => {
             ctx.bound
                 .lock()
@@ -729,12 +1066,10 @@ async fn apply_claim(claim: Arc<SandboxClaim>, ctx: Arc<Ctx>) -> Result<Action, 
                 "sandbox {} released",
                 status.sandbox_id.as_deref().unwrap_or_default()
             );
-            let reason = stop_reason_in_api(ctx, &ns, &status)
-                .await
-                .unwrap_or_else(|| "PodGone".into());
+            let record = release_record(ctx, &ns, &status).await;
             let released = SandboxClaimStatus {
                 phase: ClaimPhase::Released,
-                stop: Some(stop_record(&reason, None)),
+                stop: Some(record),
                 ..status
             };
             set_status(ctx, claim, &released).await?;
@@ -756,14 +1091,17 @@ async fn apply_claim(claim: Arc<SandboxClaim>, ctx: Arc<Ctx>) -> Result<Action, 
     if let Err(why) = crate::validate::check_claim(&claim.spec, &ctx.contract) {
         return refuse_claim(ctx, claim, why).await;
     }
-    let pools: Api<SandboxPool> = Api::namespaced(ctx.client.clone(), &ns);
-    let Some(pool) = pools.get_opt(&claim.spec.pool_name).await? else {
-        ctx.waiting
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(uid.clone());
+    if let Some(action) = adopt(ctx, claim).await? {
+        return Ok(action);
+    }
+    let place = wait_in_line(ctx, claim);
+    let Some(pool) = ctx
+        .pool_store
+        .get(&ObjectRef::new(&claim.spec.pool_name).within(&ns))
+    else {
         let msg = format!("SandboxPool {} does not exist", claim.spec.pool_name);
         set_pending(ctx, claim, "PoolNotFound", msg).await?;
+        // A pool appearing does not trigger claims: look again now and then.
         return Ok(Action::requeue(Duration::from_secs(2)));
     };
     let timeout = claim
@@ -788,6 +1126,10 @@ async fn apply_claim(claim: Arc<SandboxClaim>, ctx: Arc<Ctx>) -> Result<Action, 
             v.phase == Some(Phase::Idle) && v.ready && !v.deleting && !v.failed
         })
         .collect();
+    // Waiters are served in creation order: the first n take the n idle pods.
+    if place >= candidates.len() {
+        return wait_for_refill(ctx, claim).await;
+    }
     // Spread concurrent claims over different pods.
     for i in (1..candidates.len()).rev() {
         candidates.swap(i, rand::random_range(0..=i));
@@ -800,36 +1142,8 @@ async fn apply_claim(claim: Arc<SandboxClaim>, ctx: Arc<Ctx>) -> Result<Action, 
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(uid.clone(), pod.name_any());
-                ctx.waiting
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&uid);
-                ctx.metrics
-                    .claims_waiting
-                    .set(ctx.waiting.lock().unwrap_or_else(|e| e.into_inner()).len() as i64);
-                let bound = SandboxClaimStatus {
-                    bound_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                        jiff::Timestamp::now(),
-                    )),
-                    expires_at: claim
-                        .expires_at()
-                        .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time),
-                    stop: None,
-                    phase: ClaimPhase::Bound,
-                    url: ctx.domain.as_ref().map(|d| format!("{id}.{d}")),
-                    sandbox_id: Some(id),
-                    pod_name: Some(pod.name_any()),
-                    conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
-                        type_: "Bound".into(),
-                        status: "True".into(),
-                        reason: "Bound".into(),
-                        message: format!("bound pod {}", pod.name_any()),
-                        last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                            jiff::Timestamp::now(),
-                        ),
-                        observed_generation: claim.metadata.generation,
-                    }],
-                };
+                forget_waiter(ctx, &uid);
+                let bound = bound_status(ctx, claim, &pod.name_any(), &id);
                 set_status(ctx, claim, &bound).await?;
                 let note = format!(
                     "bound pod {} as sandbox {}",
@@ -860,19 +1174,82 @@ async fn apply_claim(claim: Arc<SandboxClaim>, ctx: Arc<Ctx>) -> Result<Action, 
             Err(e) => return Err(e),
         }
     }
-    ctx.waiting
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(uid);
-    ctx.metrics
-        .claims_waiting
-        .set(ctx.waiting.lock().unwrap_or_else(|e| e.into_inner()).len() as i64);
+    wait_for_refill(ctx, claim).await
+}
+
+/// No idle pod for this claim yet: Pending with `NoIdlePod`, woken by the pod watch when its pool
+/// changes (the requeue is only a safety net).
+async fn wait_for_refill(ctx: &Ctx, claim: &SandboxClaim) -> Result<Action, Error> {
+    let ns = claim.namespace().unwrap_or_default();
+    // Why the pool does not refill, if it knows (an image that cannot be pulled, a quota).
+    let why = ctx
+        .pool_store
+        .get(&ObjectRef::new(&claim.spec.pool_name).within(&ns))
+        .and_then(|p| {
+            p.status
+                .as_ref()?
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Ready" && c.status != "True")
+                .filter(|c| !matches!(c.reason.as_str(), "Replenishing" | "Full"))
+                .map(|c| format!(": {}: {}", c.reason, c.message))
+        })
+        .unwrap_or_default();
     let msg = format!(
-        "pool {} has no idle, Ready pod; waiting for it to refill",
+        "pool {} has no idle, Ready pod; waiting for it to refill{why}",
         claim.spec.pool_name
     );
     set_pending(ctx, claim, "NoIdlePod", msg).await?;
-    Ok(Action::requeue(Duration::from_millis(200)))
+    Ok(Action::requeue(Duration::from_secs(30)))
+}
+
+/// A claim whose status was lost (a crash between the bind and the status write, or a status
+/// patched away) finds the pod it bound by the claim UID on it, and takes it again rather than a
+/// second one. `None` when it holds no pod.
+async fn adopt(ctx: &Ctx, claim: &SandboxClaim) -> Result<Option<Action>, Error> {
+    let ns = claim.namespace().unwrap_or_default();
+    let uid = claim.uid().unwrap_or_default();
+    let Some(pod) = pool_pods(ctx, &ns, &claim.spec.pool_name)
+        .into_iter()
+        .find(|p| {
+            p.annotations().get(ANN_CLAIM_UID) == Some(&uid)
+                && PodView::of(p, &ctx.contract).phase == Some(Phase::Running)
+        })
+    else {
+        return Ok(None);
+    };
+    let Some(id) = pod.labels().get(&ctx.contract.label_sandbox_id).cloned() else {
+        return Ok(None);
+    };
+    tracing::info!(claim = %claim.name_any(), pod = %pod.name_any(), sandbox_id = %id, "claim adopts the pod it bound");
+    forget_waiter(ctx, &uid);
+    let status = bound_status(ctx, claim, &pod.name_any(), &id);
+    set_status(ctx, claim, &status).await?;
+    Ok(Some(Action::requeue(Duration::from_secs(1))))
+}
+
+/// The status of a claim bound to `pod` as sandbox `id`.
+fn bound_status(ctx: &Ctx, claim: &SandboxClaim, pod: &str, id: &str) -> SandboxClaimStatus {
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now());
+    SandboxClaimStatus {
+        bound_at: Some(now.clone()),
+        expires_at: claim
+            .expires_at()
+            .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time),
+        stop: None,
+        phase: ClaimPhase::Bound,
+        url: ctx.domain.as_ref().map(|d| format!("{id}.{d}")),
+        sandbox_id: Some(id.to_string()),
+        pod_name: Some(pod.to_string()),
+        conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+            type_: "Bound".into(),
+            status: "True".into(),
+            reason: "Bound".into(),
+            message: format!("bound pod {pod}"),
+            last_transition_time: now,
+            observed_generation: claim.metadata.generation,
+        }],
+    }
 }
 
 /// Claims `pod` for `claim` in one guarded patch.
@@ -901,6 +1278,9 @@ async fn bind(
     );
     ops.push(json!({"op": "add", "path": ann(&c.ann_claimed_at), "value": format_time(SystemTime::now())}));
     ops.push(json!({"op": "add", "path": ann(ANN_CLAIM), "value": claim_ref}));
+    ops.push(
+        json!({"op": "add", "path": ann(ANN_CLAIM_UID), "value": claim.uid().unwrap_or_default()}),
+    );
     if let Some(t) = timeout {
         ops.push(json!({"op": "add", "path": ann(&c.ann_idle_timeout), "value": t}));
     }
@@ -930,19 +1310,25 @@ async fn cleanup_claim(claim: Arc<SandboxClaim>, ctx: Arc<Ctx>) -> Result<Action
     let (claim, ctx) = (&*claim, &*ctx);
     let ns = claim.namespace().unwrap_or_default();
     let status = claim.status.clone().unwrap_or_default();
-    ctx.waiting
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(&claim.uid().unwrap_or_default());
-    let pod_name = status.pod_name.clone().or_else(|| {
-        ctx.bound
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&claim.uid().unwrap_or_default())
-            .cloned()
-    });
-    if let (Some(pod), Some(id)) = (pod_name, status.sandbox_id.as_ref()) {
-        release_pod(ctx, &ns, &pod, id, "ClaimDeleted").await?;
+    let uid = claim.uid().unwrap_or_default();
+    forget_waiter(ctx, &uid);
+    // Its pod: from the status, else (deleted between the bind and the status write) the pod
+    // carrying its UID.
+    let bound = status
+        .pod_name
+        .clone()
+        .zip(status.sandbox_id.clone())
+        .or_else(|| {
+            pool_pods(ctx, &ns, &claim.spec.pool_name)
+                .into_iter()
+                .find(|p| p.annotations().get(ANN_CLAIM_UID) == Some(&uid))
+                .and_then(|p| {
+                    let id = p.labels().get(&ctx.contract.label_sandbox_id)?.clone();
+                    Some((p.name_any(), id))
+                })
+        });
+    if let Some((pod, id)) = bound {
+        release_pod(ctx, &ns, &pod, &id, "ClaimDeleted").await?;
     }
     ctx.bound
         .lock()
@@ -983,7 +1369,10 @@ where
 /// sent only after `ctx.pods` holds it.
 pub async fn run(
     ctx: Arc<Ctx>,
-    pools: Api<SandboxPool>,
+    (pools, pool_store): (
+        impl Stream<Item = Result<SandboxPool, watcher::Error>> + Send + 'static,
+        Store<SandboxPool>,
+    ),
     claims: Api<SandboxClaim>,
     pool_pods: impl Stream<Item = Pod> + Send + 'static,
     claim_pods: impl Stream<Item = Pod> + Send + 'static,
@@ -997,12 +1386,20 @@ pub async fn run(
             })
         }
     };
-    let to_claim = |p: Pod| {
-        let r = p.annotations().get(ANN_CLAIM)?.clone();
-        let (ns, name) = r.split_once('/')?;
-        Some(ObjectRef::<SandboxClaim>::new(name).within(ns))
+    // A pod wakes the claim that bound it, and the claims waiting on its pool.
+    let to_claim = {
+        let ctx = ctx.clone();
+        move |p: Pod| {
+            let own = p.annotations().get(ANN_CLAIM).and_then(|r| {
+                let (ns, name) = r.split_once('/')?;
+                Some(ObjectRef::<SandboxClaim>::new(name).within(ns))
+            });
+            let mut refs = waiters_of(&ctx, &p);
+            refs.extend(own);
+            refs
+        }
     };
-    let pools_ctl = Controller::new(pools, watcher::Config::default())
+    let pools_ctl = Controller::for_stream(pools, pool_store)
         .watches_stream(pool_pods.map(Ok), to_pool)
         .run(reconcile_pool, error_policy, ctx.clone())
         .for_each(log_outcome);

@@ -14,6 +14,24 @@ use sandgate_shared::{Contract, Phase};
 
 use crate::crd::SandboxPoolStatus;
 
+/// An idle pod NotReady for longer than this is replaced (it would count as warm forever).
+pub const NOT_READY_GRACE: Duration = Duration::from_secs(60);
+
+/// The pod annotation holding the hash of the pool template it was made from.
+pub const TEMPLATE_HASH_ANNOTATION: &str = "sandgate.dev/template-hash";
+
+/// A short, stable hash of a pool's pod template (FNV-1a over its JSON).
+pub fn template_hash(template: &k8s_openapi::api::core::v1::PodTemplateSpec) -> String {
+    let json = serde_json::to_vec(template).unwrap_or_default();
+    let h = json.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{h:016x}")
+}
+
+/// The pod annotation naming the claim that bound it.
+pub const CLAIM_ANNOTATION: &str = "sandgate.dev/claim";
+
 /// What the pool plan needs to know about one pod.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PodView {
@@ -24,6 +42,12 @@ pub struct PodView {
     pub failed: bool,
     pub created: SystemTime,
     pub deleting: bool,
+    /// Bound by a SandboxClaim (which records a dead claimed pod's end before it goes).
+    pub has_claim: bool,
+    /// Made from an older version of the pool's template (its template hash differs).
+    pub outdated: bool,
+    /// How long its Ready condition has been False (None while Ready, or never reported).
+    pub not_ready_for: Option<Duration>,
 }
 
 impl PodView {
@@ -46,6 +70,21 @@ impl PodView {
                 .map(|t| SystemTime::from(t.0))
                 .unwrap_or(SystemTime::now()),
             deleting: pod.metadata.deletion_timestamp.is_some(),
+            has_claim: pod
+                .metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(CLAIM_ANNOTATION)),
+            outdated: false,
+            not_ready_for: status
+                .and_then(|s| s.conditions.as_ref())
+                .and_then(|cs| cs.iter().find(|x| x.type_ == "Ready" && x.status != "True"))
+                .and_then(|c| c.last_transition_time.as_ref())
+                .map(|t| {
+                    SystemTime::now()
+                        .duration_since(SystemTime::from(t.0))
+                        .unwrap_or_default()
+                }),
         }
     }
 }
@@ -75,6 +114,12 @@ pub fn plan_pool(
     let mut warm_starting = Vec::new();
     let mut warm_idle = Vec::new();
     for p in pods.iter().filter(|p| !p.deleting) {
+        // A claimed pod that died is its claim's to record and release first.
+        if p.failed && p.phase == Some(Phase::Running) && p.has_claim {
+            plan.status.claimed += 1;
+            *counts.entry(Phase::Running.to_string()).or_default() += 1;
+            continue;
+        }
         let phase = if p.failed {
             Some(Phase::Failed)
         } else {
@@ -95,7 +140,8 @@ pub fn plan_pool(
             }
             Some(Phase::Starting) => warm_starting.push(p),
             Some(Phase::Idle) => {
-                if max_age.is_some_and(|m| age(p) > m) {
+                let stuck = !p.ready && p.not_ready_for.is_some_and(|d| d > NOT_READY_GRACE);
+                if stuck || max_age.is_some_and(|m| age(p) > m) {
                     plan.delete.push(p.name.clone());
                 } else {
                     warm_idle.push(p);
@@ -106,6 +152,15 @@ pub fn plan_pool(
         }
     }
     let want = usize::try_from(replicas).unwrap_or(0);
+    // Idle pods of an older template are replaced a few at a time (a quarter of the pool, at
+    // least one, per pass), oldest first, so the pool never empties for a template change.
+    let mut outdated: Vec<&PodView> = warm_idle.iter().copied().filter(|p| p.outdated).collect();
+    outdated.sort_by_key(|p| p.created);
+    let roll = outdated.len().min((want / 4).max(1));
+    for p in &outdated[..roll] {
+        plan.delete.push(p.name.clone());
+    }
+    warm_idle.retain(|p| !plan.delete.contains(&p.name));
     let warm = warm_idle.len() + warm_starting.len() + expected;
     if warm < want {
         plan.create = want - warm;
@@ -195,9 +250,107 @@ pub fn ready_condition(
     }
 }
 
+/// Why pods of a pool do not start, from their status: an image that cannot be pulled, a
+/// container that crashes at start, a pod the scheduler cannot place. `(reason, message)`.
+pub fn pod_problem(pod: &Pod) -> Option<(String, String)> {
+    const WAITING: [&str; 6] = [
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "CrashLoopBackOff",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "InvalidImageName",
+    ];
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let status = pod.status.as_ref()?;
+    for c in status.container_statuses.iter().flatten() {
+        let Some(w) = c.state.as_ref().and_then(|s| s.waiting.as_ref()) else {
+            continue;
+        };
+        let reason = w.reason.clone().unwrap_or_default();
+        if WAITING.contains(&reason.as_str()) {
+            let detail = w.message.clone().unwrap_or_default();
+            return Some((reason.clone(), format!("pod {name}: {reason}: {detail}")));
+        }
+    }
+    status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+        .map(|c| {
+            let reason = c.reason.clone().unwrap_or_else(|| "Unschedulable".into());
+            let detail = c.message.clone().unwrap_or_default();
+            (reason.clone(), format!("pod {name}: {reason}: {detail}"))
+        })
+}
+
+/// A not-Ready condition says the most specific thing known: `problem` (a pod's, or a failed
+/// create's) replaces the generic reason.
+pub fn diagnosed(mut ready: Condition, problem: Option<(String, String)>) -> Condition {
+    if ready.status != "True" {
+        if let Some((reason, message)) = problem {
+            ready.reason = reason;
+            ready.message = format!("{}; {message}", ready.message);
+        }
+    }
+    ready
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn why_pods_do_not_start_is_named() {
+        let pod = |status: serde_json::Value| -> Pod {
+            serde_json::from_value(
+                serde_json::json!({"metadata": {"name": "p1"}, "status": status}),
+            )
+            .unwrap()
+        };
+        let pull = pod(
+            serde_json::json!({"containerStatuses": [{"name": "c", "image": "i", "imageID": "",
+            "ready": false, "restartCount": 0,
+            "state": {"waiting": {"reason": "ImagePullBackOff", "message": "no such image"}}}]}),
+        );
+        assert_eq!(
+            pod_problem(&pull),
+            Some((
+                "ImagePullBackOff".into(),
+                "pod p1: ImagePullBackOff: no such image".into()
+            ))
+        );
+        let unschedulable = pod(
+            serde_json::json!({"conditions": [{"type": "PodScheduled", "status": "False",
+            "reason": "Unschedulable", "message": "0/3 nodes"}]}),
+        );
+        assert_eq!(pod_problem(&unschedulable).unwrap().0, "Unschedulable");
+        let starting = pod(
+            serde_json::json!({"containerStatuses": [{"name": "c", "image": "i", "imageID": "",
+            "ready": false, "restartCount": 0, "state": {"waiting": {"reason": "ContainerCreating"}}}]}),
+        );
+        assert_eq!(
+            pod_problem(&starting),
+            None,
+            "an ordinary start is no problem"
+        );
+        let cond = |status: &str| Condition {
+            type_: "Ready".into(),
+            status: status.into(),
+            reason: "Replenishing".into(),
+            message: "0 of 1 warm pods available".into(),
+            last_transition_time: Time(jiff::Timestamp::UNIX_EPOCH),
+            observed_generation: None,
+        };
+        let d = diagnosed(cond("False"), pod_problem(&pull));
+        assert_eq!(d.reason, "ImagePullBackOff");
+        assert!(d.message.ends_with("no such image"), "{}", d.message);
+        assert_eq!(
+            diagnosed(cond("True"), pod_problem(&pull)).reason,
+            "Replenishing"
+        );
+    }
 
     fn pod(name: &str, phase: Phase, ready: bool) -> PodView {
         PodView {
@@ -207,7 +360,70 @@ mod tests {
             failed: false,
             created: SystemTime::UNIX_EPOCH,
             deleting: false,
+            has_claim: false,
+            outdated: false,
+            not_ready_for: None,
         }
+    }
+
+    #[test]
+    fn an_older_template_rolls_a_quarter_at_a_time_and_claimed_pods_stay() {
+        let now = SystemTime::now();
+        let mut pods: Vec<PodView> = (0..8)
+            .map(|i| PodView {
+                outdated: true,
+                created: SystemTime::UNIX_EPOCH + Duration::from_secs(i),
+                ..pod(&format!("p{i}"), Phase::Idle, true)
+            })
+            .collect();
+        pods.push(PodView {
+            outdated: true,
+            ..pod("claimed", Phase::Running, true)
+        });
+        let plan = plan_pool(8, None, &pods, 0, now);
+        assert_eq!(plan.delete, ["p0", "p1"], "the two oldest of eight");
+        assert_eq!(plan.create, 2);
+        assert_eq!(plan.status.claimed, 1);
+        let fresh: Vec<PodView> = (0..8)
+            .map(|i| pod(&format!("q{i}"), Phase::Idle, true))
+            .collect();
+        assert!(plan_pool(8, None, &fresh, 0, now).delete.is_empty());
+        // A pool of one still rolls.
+        assert_eq!(plan_pool(1, None, &pods[..1], 0, now).delete, ["p0"]);
+    }
+
+    #[test]
+    fn an_idle_pod_not_ready_past_the_grace_is_replaced() {
+        let now = SystemTime::now();
+        let flaky = |name: &str, for_secs: u64| PodView {
+            not_ready_for: Some(Duration::from_secs(for_secs)),
+            ..pod(name, Phase::Idle, false)
+        };
+        let plan = plan_pool(2, None, &[flaky("a", 5), flaky("b", 120)], 0, now);
+        assert_eq!(plan.delete, ["b"]);
+        assert_eq!(plan.create, 1);
+        assert_eq!(plan.status.available, 0);
+    }
+
+    #[test]
+    fn a_dead_claimed_pod_waits_for_its_claim() {
+        let now = SystemTime::now();
+        let dead = PodView {
+            failed: true,
+            has_claim: true,
+            ..pod("c", Phase::Running, false)
+        };
+        let plan = plan_pool(0, None, &[dead.clone()], 0, now);
+        assert!(
+            plan.delete.is_empty(),
+            "deleted before its claim recorded it"
+        );
+        assert_eq!(plan.status.claimed, 1);
+        let unclaimed = PodView {
+            has_claim: false,
+            ..dead
+        };
+        assert_eq!(plan_pool(0, None, &[unclaimed], 0, now).delete, ["c"]);
     }
 
     #[test]

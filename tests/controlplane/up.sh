@@ -20,8 +20,16 @@ free_port() {
 }
 
 pids=()
+# Stops the servers, kube-apiserver first (it would wait on a vanished etcd); a throwaway
+# control plane gets 5 s to exit and is then killed.
 stop() {
-	for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+	local i p
+	for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+		p=${pids[$i]}
+		kill "$p" 2>/dev/null || continue
+		for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+		kill -9 "$p" 2>/dev/null || true
+	done
 	wait 2>/dev/null || true
 }
 trap stop EXIT
