@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CARGO=${CARGO:-cargo}
 mode=${1:-realapi}
-tests=(kubelet dataplane upstream control_api idle pools e2b rbac)
+tests=(kubelet dataplane upstream control_api idle pools lifecycle e2b rbac)
 dir=$(mktemp -d)
 pids=()
 cleanup() {

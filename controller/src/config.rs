@@ -99,6 +99,10 @@ pub struct Config {
     #[arg(long, env = "SANDGATE_POOLS", default_value_t = true, action = clap::ArgAction::Set)]
     pub pools: bool,
 
+    /// An idle pool pod whose Ready condition stays False this long is replaced.
+    #[arg(long, env = "SANDGATE_NOT_READY_GRACE", default_value = "60s", value_parser = sandgate_shared::duration::parse_duration)]
+    pub not_ready_grace: std::time::Duration,
+
     /// Domain of the sandbox hosts, for claims' `status.url` (`<id>.<domain>`).
     #[arg(long, env = "SANDGATE_SANDBOX_DOMAIN")]
     pub sandbox_domain: Option<String>,

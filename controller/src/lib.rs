@@ -120,6 +120,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             contract: contract.clone(),
             pods: reader.clone(),
             pool_store: pool_reader.clone(),
+            not_ready_grace: config.not_ready_grace,
             expectations: Default::default(),
             bound: Default::default(),
             waiting: Default::default(),
@@ -278,5 +279,6 @@ pub const API_CALLS: &[(&str, &str, &str)] = &[
     ("sandgate.dev", "sandboxclaims", "list"),         // claim controller
     ("sandgate.dev", "sandboxclaims", "watch"),        // claim controller
     ("sandgate.dev", "sandboxclaims", "patch"),        // finalizer
+    ("sandgate.dev", "sandboxclaims", "delete"),       // ttlSecondsAfterFinished
     ("sandgate.dev", "sandboxclaims/status", "patch"), // claim status
 ];

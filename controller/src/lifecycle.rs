@@ -112,6 +112,8 @@ pub struct Ctx {
     pub expectations: Expectations,
     /// Pools, from the reflector that drives the pool controller.
     pub pool_store: Store<SandboxPool>,
+    /// Idle pods NotReady longer than this are replaced.
+    pub not_ready_grace: Duration,
     /// Claims this process bound, by claim UID → pod name (until the status shows it).
     pub bound: Mutex<HashMap<String, String>>,
     /// Claims waiting for an idle pod, by claim UID; a pool pod's change wakes its pool's.
@@ -260,13 +262,12 @@ async fn apply_pool(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, Err
     let seen: HashSet<&str> = views.iter().map(|v| v.name.as_str()).collect();
     let key = format!("{ns}/{name}");
     let expected = ctx.expectations.pending(&key, &seen);
-    let mut plan = plan_pool(
-        pool.spec.replicas,
+    let rules = crate::pool::PoolRules {
+        replicas: pool.spec.replicas,
         max_age,
-        &views,
-        expected,
-        SystemTime::now(),
-    );
+        not_ready_grace: ctx.not_ready_grace,
+    };
+    let mut plan = plan_pool(&rules, &views, expected, SystemTime::now());
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
 
     for n in &plan.mark_idle {

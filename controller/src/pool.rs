@@ -14,7 +14,8 @@ use sandgate_shared::{Contract, Phase};
 
 use crate::crd::SandboxPoolStatus;
 
-/// An idle pod NotReady for longer than this is replaced (it would count as warm forever).
+/// An idle pod NotReady for longer than this is replaced (it would count as warm forever);
+/// `--not-ready-grace` by default.
 pub const NOT_READY_GRACE: Duration = Duration::from_secs(60);
 
 /// The pod annotation holding the hash of the pool template it was made from.
@@ -96,18 +97,39 @@ pub struct PoolPlan {
     pub delete: Vec<String>,
     pub mark_idle: Vec<String>,
     pub status: SandboxPoolStatus,
-    /// When the next idle pod that stays reaches `maxPodAge` (so the pool is looked at again then).
+    /// When the next idle pod that stays reaches `maxPodAge`, or its NotReady grace ends (so the
+    /// pool is looked at again then).
     pub rotate_in: Option<Duration>,
+}
+
+/// What a pool asks for, and the controller's own rules for it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PoolRules {
+    pub replicas: i32,
+    /// Idle pods older than this are replaced (`spec.maxPodAge`).
+    pub max_age: Option<Duration>,
+    /// Idle pods NotReady longer than this are replaced (`--not-ready-grace`).
+    pub not_ready_grace: Duration,
+}
+
+impl PoolRules {
+    pub fn new(replicas: i32, max_age: Option<Duration>) -> Self {
+        PoolRules {
+            replicas,
+            max_age,
+            not_ready_grace: NOT_READY_GRACE,
+        }
+    }
 }
 
 /// Plans a pool. `expected` is how many created pods have not yet appeared.
 pub fn plan_pool(
-    replicas: i32,
-    max_age: Option<Duration>,
+    rules: &PoolRules,
     pods: &[PodView],
     expected: usize,
     now: SystemTime,
 ) -> PoolPlan {
+    let (replicas, max_age) = (rules.replicas, rules.max_age);
     let age = |p: &PodView| now.duration_since(p.created).unwrap_or_default();
     let mut plan = PoolPlan::default();
     let mut counts: BTreeMap<String, i32> = BTreeMap::new();
@@ -140,7 +162,7 @@ pub fn plan_pool(
             }
             Some(Phase::Starting) => warm_starting.push(p),
             Some(Phase::Idle) => {
-                let stuck = !p.ready && p.not_ready_for.is_some_and(|d| d > NOT_READY_GRACE);
+                let stuck = !p.ready && p.not_ready_for.is_some_and(|d| d > rules.not_ready_grace);
                 if stuck || max_age.is_some_and(|m| age(p) > m) {
                     plan.delete.push(p.name.clone());
                 } else {
@@ -181,13 +203,14 @@ pub fn plan_pool(
         .iter()
         .filter(|p| p.ready && !plan.delete.contains(&p.name))
         .count() as i32;
-    plan.rotate_in = max_age.and_then(|m| {
-        warm_idle
-            .iter()
-            .filter(|p| !plan.delete.contains(&p.name))
-            .map(|p| m.saturating_sub(age(p)))
-            .min()
-    });
+    let kept = || warm_idle.iter().filter(|p| !plan.delete.contains(&p.name));
+    let aging = max_age.and_then(|m| kept().map(|p| m.saturating_sub(age(p))).min());
+    let unready = kept()
+        .filter(|p| !p.ready)
+        .filter_map(|p| p.not_ready_for)
+        .map(|d| rules.not_ready_grace.saturating_sub(d))
+        .min();
+    plan.rotate_in = [aging, unready].into_iter().flatten().min();
     plan.status.replicas = counts;
     plan
 }
@@ -380,16 +403,21 @@ mod tests {
             outdated: true,
             ..pod("claimed", Phase::Running, true)
         });
-        let plan = plan_pool(8, None, &pods, 0, now);
+        let plan = plan_pool(&PoolRules::new(8, None), &pods, 0, now);
         assert_eq!(plan.delete, ["p0", "p1"], "the two oldest of eight");
         assert_eq!(plan.create, 2);
         assert_eq!(plan.status.claimed, 1);
         let fresh: Vec<PodView> = (0..8)
             .map(|i| pod(&format!("q{i}"), Phase::Idle, true))
             .collect();
-        assert!(plan_pool(8, None, &fresh, 0, now).delete.is_empty());
+        assert!(plan_pool(&PoolRules::new(8, None), &fresh, 0, now)
+            .delete
+            .is_empty());
         // A pool of one still rolls.
-        assert_eq!(plan_pool(1, None, &pods[..1], 0, now).delete, ["p0"]);
+        assert_eq!(
+            plan_pool(&PoolRules::new(1, None), &pods[..1], 0, now).delete,
+            ["p0"]
+        );
     }
 
     #[test]
@@ -399,7 +427,12 @@ mod tests {
             not_ready_for: Some(Duration::from_secs(for_secs)),
             ..pod(name, Phase::Idle, false)
         };
-        let plan = plan_pool(2, None, &[flaky("a", 5), flaky("b", 120)], 0, now);
+        let plan = plan_pool(
+            &PoolRules::new(2, None),
+            &[flaky("a", 5), flaky("b", 120)],
+            0,
+            now,
+        );
         assert_eq!(plan.delete, ["b"]);
         assert_eq!(plan.create, 1);
         assert_eq!(plan.status.available, 0);
@@ -413,7 +446,7 @@ mod tests {
             has_claim: true,
             ..pod("c", Phase::Running, false)
         };
-        let plan = plan_pool(0, None, &[dead.clone()], 0, now);
+        let plan = plan_pool(&PoolRules::new(0, None), &[dead.clone()], 0, now);
         assert!(
             plan.delete.is_empty(),
             "deleted before its claim recorded it"
@@ -423,19 +456,22 @@ mod tests {
             has_claim: false,
             ..dead
         };
-        assert_eq!(plan_pool(0, None, &[unclaimed], 0, now).delete, ["c"]);
+        assert_eq!(
+            plan_pool(&PoolRules::new(0, None), &[unclaimed], 0, now).delete,
+            ["c"]
+        );
     }
 
     #[test]
     fn fills_the_pool_and_counts_expectations() {
         let now = SystemTime::now();
-        assert_eq!(plan_pool(3, None, &[], 0, now).create, 3);
-        assert_eq!(plan_pool(3, None, &[], 2, now).create, 1);
+        assert_eq!(plan_pool(&PoolRules::new(3, None), &[], 0, now).create, 3);
+        assert_eq!(plan_pool(&PoolRules::new(3, None), &[], 2, now).create, 1);
         let pods = [
             pod("a", Phase::Idle, true),
             pod("b", Phase::Starting, false),
         ];
-        assert_eq!(plan_pool(3, None, &pods, 0, now).create, 1);
+        assert_eq!(plan_pool(&PoolRules::new(3, None), &pods, 0, now).create, 1);
     }
 
     #[test]
@@ -446,12 +482,12 @@ mod tests {
             pod("c2", Phase::Running, true),
             pod("a", Phase::Idle, true),
         ];
-        let plan = plan_pool(1, None, &pods, 0, now);
+        let plan = plan_pool(&PoolRules::new(1, None), &pods, 0, now);
         assert_eq!(plan.create, 0);
         assert!(plan.delete.is_empty());
         assert_eq!(plan.status.claimed, 2);
         // Scale to zero: only the idle pod goes.
-        let plan = plan_pool(0, None, &pods, 0, now);
+        let plan = plan_pool(&PoolRules::new(0, None), &pods, 0, now);
         assert_eq!(plan.delete, ["a"]);
     }
 
@@ -465,7 +501,7 @@ mod tests {
             pod("r", Phase::Stopping, true),
             failed,
         ];
-        let plan = plan_pool(2, None, &pods, 0, now);
+        let plan = plan_pool(&PoolRules::new(2, None), &pods, 0, now);
         assert_eq!(plan.mark_idle, ["s"]);
         assert_eq!(plan.delete, ["r", "f"]);
         assert_eq!(plan.create, 1);
@@ -479,7 +515,12 @@ mod tests {
             pod("old-idle", Phase::Idle, true),
             pod("old-claimed", Phase::Running, true),
         ];
-        let plan = plan_pool(1, Some(Duration::from_secs(3600)), &pods, 0, now);
+        let plan = plan_pool(
+            &PoolRules::new(1, Some(Duration::from_secs(3600))),
+            &pods,
+            0,
+            now,
+        );
         assert_eq!(plan.delete, ["old-idle"]);
         assert_eq!(plan.create, 1);
         assert_eq!(plan.rotate_in, None);
@@ -491,10 +532,18 @@ mod tests {
         let mut young = pod("young", Phase::Idle, true);
         young.created = SystemTime::UNIX_EPOCH + Duration::from_secs(90);
         let older = pod("older", Phase::Idle, true);
-        let plan = plan_pool(2, Some(Duration::from_secs(120)), &[young, older], 0, now);
+        let plan = plan_pool(
+            &PoolRules::new(2, Some(Duration::from_secs(120))),
+            &[young, older],
+            0,
+            now,
+        );
         assert!(plan.delete.is_empty());
         assert_eq!(plan.rotate_in, Some(Duration::from_secs(20)));
-        assert_eq!(plan_pool(2, None, &[], 0, now).rotate_in, None);
+        assert_eq!(
+            plan_pool(&PoolRules::new(2, None), &[], 0, now).rotate_in,
+            None
+        );
     }
 
     #[test]

@@ -165,7 +165,6 @@ async fn each_service_account_is_refused_what_it_must_not_do_on_real_api() {
             ),
             ..deny("POST", "sandgate.dev/v1alpha1:sandboxclaims")
         },
-        deny("DELETE", "sandgate.dev/v1alpha1:sandboxclaims/c"),
         deny(
             "DELETE",
             "coordination.k8s.io/v1:leases/sandgate-controller",
@@ -360,7 +359,7 @@ async fn kubectl_shows_the_printer_columns_on_real_api() {
         .collect();
     assert_eq!(
         header,
-        ["NAME", "POOL", "PHASE", "SANDBOX", "URL", "AGE"],
+        ["NAME", "POOL", "PHASE", "SANDBOX", "URL", "EXPIRES", "AGE"],
         "{wide}"
     );
 }

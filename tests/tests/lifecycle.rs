@@ -1,0 +1,394 @@
+//! Claims and pools that never fail silently, process level (real controller, the loopback
+//! kubelet, the double in-process or kube-apiserver): dead sandboxes leave a record, finished
+//! claims go after their TTL, templates roll, stuck and failing pods are visible, waiting claims
+//! cost the API nothing and are served in order.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use sandgate_controller::crd::{ClaimPhase, SandboxClaim, SandboxPool};
+use sandgate_tests::cluster::Cluster;
+use sandgate_tests::procs::{eventually, holds};
+use sandgate_tests::target::echo_container;
+use serde_json::{json, Value};
+
+const SEC: Duration = Duration::from_secs(1);
+
+async fn cluster() -> Cluster {
+    let mut c = Cluster::start(1).await;
+    c.start_controller(
+        "ctrl",
+        &[
+            "--sandbox-domain",
+            "sandbox.localhost",
+            "--leader-election",
+            "false",
+            "--not-ready-grace",
+            "2s",
+        ],
+    );
+    c
+}
+
+async fn pool(c: &Cluster, name: &str, replicas: i32, extra: Value) {
+    let mut spec = json!({"replicas": replicas, "port": 8080, "defaultIdleTimeout": "1h",
+                          "template": {"spec": {"containers": [echo_container(&[8080])]}}});
+    json_patch::merge(&mut spec, &extra);
+    let p: SandboxPool = serde_json::from_value(json!({
+        "apiVersion": "sandgate.dev/v1alpha1", "kind": "SandboxPool",
+        "metadata": {"name": name}, "spec": spec,
+    }))
+    .unwrap();
+    c.target
+        .api::<SandboxPool>()
+        .create(&PostParams::default(), &p)
+        .await
+        .unwrap();
+}
+
+async fn claim(c: &Cluster, name: &str, pool: &str, extra: Value) {
+    let mut spec = json!({"poolName": pool});
+    json_patch::merge(&mut spec, &extra);
+    let cl: SandboxClaim = serde_json::from_value(json!({
+        "apiVersion": "sandgate.dev/v1alpha1", "kind": "SandboxClaim",
+        "metadata": {"name": name}, "spec": spec,
+    }))
+    .unwrap();
+    c.target
+        .api::<SandboxClaim>()
+        .create(&PostParams::default(), &cl)
+        .await
+        .unwrap();
+}
+
+async fn until_claim(c: &Cluster, name: &str, phase: ClaimPhase) -> SandboxClaim {
+    eventually(20 * SEC, || async {
+        let cl = c
+            .target
+            .api::<SandboxClaim>()
+            .get(name)
+            .await
+            .map_err(|e| e.to_string())?;
+        let now = cl.status.clone().unwrap_or_default().phase;
+        if now == phase {
+            Ok(cl)
+        } else {
+            Err(format!("{name} is {now:?}"))
+        }
+    })
+    .await
+}
+
+async fn pods_of(c: &Cluster, pool: &str, phase: &str) -> Vec<Pod> {
+    let lp = ListParams::default().labels(&format!(
+        "sandgate.dev/pool={pool},sandgate.dev/phase={phase}"
+    ));
+    c.pods()
+        .list(&lp)
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+}
+
+async fn until_idle(c: &Cluster, pool: &str, n: usize) -> Vec<Pod> {
+    eventually(30 * SEC, || async {
+        let idle: Vec<Pod> = pods_of(c, pool, "idle")
+            .await
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .collect();
+        if idle.len() == n {
+            Ok(idle)
+        } else {
+            Err(format!("{} idle, want {n}", idle.len()))
+        }
+    })
+    .await
+}
+
+async fn annotate(c: &Cluster, pod: &str, key: &str, value: &str) {
+    let patch = json!({"metadata": {"annotations": {key: value}}});
+    c.pods()
+        .patch(pod, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_dead_sandbox_fails_its_claim_with_a_record_and_the_claim_goes_after_its_ttl() {
+    let c = cluster().await;
+    pool(&c, "p", 1, json!({"claimTtlSecondsAfterFinished": 3})).await;
+    until_idle(&c, "p", 1).await;
+    claim(&c, "doomed", "p", json!({})).await;
+    let bound = until_claim(&c, "doomed", ClaimPhase::Bound).await;
+    let pod = bound.status.unwrap().pod_name.unwrap();
+    annotate(&c, &pod, "kubelet.sandgate.dev/exit", "OOMKilled:137").await;
+    let failed = until_claim(&c, "doomed", ClaimPhase::Failed).await;
+    let stop = failed.status.unwrap().stop.expect("a stop record");
+    assert_eq!(
+        (stop.reason.as_str(), stop.exit_code),
+        ("OOMKilled", Some(137))
+    );
+    assert_eq!(stop.images, [sandgate_tests::target::echo_image()]);
+    // Then the pod goes and the pool refills; the claim goes after the pool's TTL.
+    eventually(15 * SEC, || async {
+        match c.pods().get_opt(&pod).await.map_err(|e| e.to_string())? {
+            None => Ok(()),
+            Some(_) => Err("the dead pod is still there".to_string()),
+        }
+    })
+    .await;
+    until_idle(&c, "p", 1).await;
+    eventually(15 * SEC, || async {
+        match c
+            .target
+            .api::<SandboxClaim>()
+            .get_opt("doomed")
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            None => Ok(()),
+            Some(_) => Err("the finished claim outlived its TTL".to_string()),
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_template_change_rolls_idle_pods_and_leaves_claimed_ones() {
+    let c = cluster().await;
+    pool(&c, "roll", 4, json!({})).await;
+    let old: Vec<String> = until_idle(&c, "roll", 4)
+        .await
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .collect();
+    claim(&c, "keeper", "roll", json!({})).await;
+    let kept = until_claim(&c, "keeper", ClaimPhase::Bound)
+        .await
+        .status
+        .unwrap()
+        .pod_name
+        .unwrap();
+    until_idle(&c, "roll", 4).await;
+    let new_template = json!({"spec": {"template": {"metadata": {"labels": {"version": "2"}},
+        "spec": {"containers": [echo_container(&[8080])]}}}});
+    c.target
+        .api::<SandboxPool>()
+        .patch(
+            "roll",
+            &PatchParams::default(),
+            &Patch::Merge(&new_template),
+        )
+        .await
+        .unwrap();
+    eventually(45 * SEC, || async {
+        let idle = until_idle(&c, "roll", 4).await;
+        let versions: Vec<Option<String>> = idle
+            .iter()
+            .map(|p| {
+                p.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get("version").cloned())
+            })
+            .collect();
+        if versions.iter().all(|v| v.as_deref() == Some("2")) {
+            Ok(())
+        } else {
+            Err(format!("{versions:?}"))
+        }
+    })
+    .await;
+    let claimed = c.pods().get(&kept).await.expect("the claimed pod stays");
+    assert_eq!(
+        claimed.metadata.labels.unwrap()["sandgate.dev/phase"],
+        "running",
+        "the claimed pod was touched"
+    );
+    for name in old.iter().filter(|n| **n != kept) {
+        assert!(
+            c.pods()
+                .get_opt(name)
+                .await
+                .unwrap()
+                .is_none_or(|p| p.metadata.deletion_timestamp.is_some()),
+            "{name} still idle"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_idle_pod_stuck_not_ready_is_replaced() {
+    let c = cluster().await;
+    pool(&c, "flaky", 1, json!({})).await;
+    let pod = until_idle(&c, "flaky", 1)
+        .await
+        .remove(0)
+        .metadata
+        .name
+        .unwrap();
+    annotate(&c, &pod, "kubelet.sandgate.dev/ready", "false").await;
+    eventually(20 * SEC, || async {
+        let idle = until_idle(&c, "flaky", 1).await;
+        let name = idle[0].metadata.name.clone().unwrap();
+        let ready = idle[0]
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        if name != pod && ready {
+            Ok(())
+        } else {
+            Err(format!("{name} ready={ready}"))
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn why_a_pool_does_not_fill_shows_in_its_status_and_its_waiting_claims() {
+    let c = cluster().await;
+    pool(
+        &c,
+        "broken",
+        1,
+        json!({"template": {"metadata": {"annotations": {"kubelet.sandgate.dev/waiting": "ImagePullBackOff: manifest for sandgate/echo:nope not found"}}}}),
+    )
+    .await;
+    let ready = eventually(20 * SEC, || async {
+        let p = c
+            .target
+            .api::<SandboxPool>()
+            .get("broken")
+            .await
+            .map_err(|e| e.to_string())?;
+        let cond = p
+            .status
+            .unwrap_or_default()
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Ready");
+        match cond {
+            Some(c) if c.reason == "ImagePullBackOff" => Ok(c),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert!(
+        ready
+            .message
+            .contains("manifest for sandgate/echo:nope not found"),
+        "{}",
+        ready.message
+    );
+    claim(&c, "waiter", "broken", json!({})).await;
+    eventually(20 * SEC, || async {
+        let cl = c
+            .target
+            .api::<SandboxClaim>()
+            .get("waiter")
+            .await
+            .map_err(|e| e.to_string())?;
+        let cond = cl.status.unwrap_or_default().conditions.into_iter().next();
+        match cond {
+            Some(c) if c.reason == "NoIdlePod" && c.message.contains("ImagePullBackOff") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn raising_a_bound_claims_idle_timeout_reaches_its_pod() {
+    let c = cluster().await;
+    pool(&c, "p", 1, json!({})).await;
+    until_idle(&c, "p", 1).await;
+    claim(&c, "c", "p", json!({"idleTimeout": "5m"})).await;
+    let pod = until_claim(&c, "c", ClaimPhase::Bound)
+        .await
+        .status
+        .unwrap()
+        .pod_name
+        .unwrap();
+    let raise = json!({"spec": {"idleTimeout": "2h"}});
+    c.target
+        .api::<SandboxClaim>()
+        .patch("c", &PatchParams::default(), &Patch::Merge(&raise))
+        .await
+        .unwrap();
+    eventually(10 * SEC, || async {
+        let p = c.pods().get(&pod).await.map_err(|e| e.to_string())?;
+        let t = p
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .get("sandgate.dev/idle-timeout")
+            .cloned();
+        if t.as_deref() == Some("2h") {
+            Ok(())
+        } else {
+            Err(format!("{t:?}"))
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn five_hundred_waiting_claims_cost_the_api_nothing_and_are_served_in_order_on_double() {
+    let c = cluster().await;
+    let api = c.target.double().expect("counts the double's requests");
+    pool(&c, "empty", 0, json!({})).await;
+    for i in 0..500 {
+        claim(&c, &format!("w{i:03}"), "empty", json!({})).await;
+    }
+    eventually(60 * SEC, || async {
+        let pending = c
+            .target
+            .api::<SandboxClaim>()
+            .list(&Default::default())
+            .await
+            .map_err(|e| e.to_string())?
+            .items
+            .iter()
+            .filter(|cl| cl.status.as_ref().is_some_and(|s| !s.conditions.is_empty()))
+            .count();
+        if pending == 500 {
+            Ok(())
+        } else {
+            Err(format!("{pending} of 500 report why they wait"))
+        }
+    })
+    .await;
+    // While they wait, the controller makes (next to) no request: no polling of the pool.
+    let before = api.hooks.recent_requests().len();
+    let window = 5 * SEC;
+    holds(window, || async { Ok(()) }).await;
+    let during: Vec<String> = api
+        .hooks
+        .recent_requests()
+        .into_iter()
+        .skip(before)
+        .collect();
+    let waiting_related: Vec<&String> = during
+        .iter()
+        .filter(|r| r.contains("sandboxclaims") || r.contains("sandboxpools/empty"))
+        .collect();
+    assert!(
+        waiting_related.len() < 10,
+        "{} requests in {window:?}: {:?}",
+        waiting_related.len(),
+        &waiting_related[..waiting_related.len().min(10)]
+    );
+    // Three pods appear: the three oldest waiters get them.
+    let scale = json!({"spec": {"replicas": 3}});
+    c.target
+        .api::<SandboxPool>()
+        .patch("empty", &PatchParams::default(), &Patch::Merge(&scale))
+        .await
+        .unwrap();
+    for first in ["w000", "w001", "w002"] {
+        until_claim(&c, first, ClaimPhase::Bound).await;
+    }
+}
