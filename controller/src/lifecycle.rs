@@ -407,10 +407,12 @@ async fn apply_pool(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, Err
         ),
         problem,
     );
-    if ready.status != "True" && previous.is_none_or(|p| p.reason != ready.reason) {
-        if ready.reason != "Replenishing" && ready.reason != "Full" {
-            event_warning(ctx, pool, &ready.reason, ready.message.clone()).await;
-        }
+    if ready.status != "True"
+        && previous.is_none_or(|p| p.reason != ready.reason)
+        && ready.reason != "Replenishing"
+        && ready.reason != "Full"
+    {
+        event_warning(ctx, pool, &ready.reason, ready.message.clone()).await;
     }
     status.conditions = vec![ready];
     let mut patch = json!({ "status": status });
@@ -423,9 +425,12 @@ async fn apply_pool(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, Err
     {
         patch["status"]["replicas"][gone] = serde_json::Value::Null;
     }
-    let api: Api<SandboxPool> = Api::namespaced(ctx.client.clone(), &ns);
-    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
+    // Written only when it says something new (a burst makes many passes that change nothing).
+    if pool.status.as_ref() != Some(&status) {
+        let api: Api<SandboxPool> = Api::namespaced(ctx.client.clone(), &ns);
+        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+    }
     // Looked at again by the next failure backoff, the next rotation, after a failed or
     // unfinished create, or 30 s at the latest.
     let creating = if create_error.is_some() {
@@ -700,18 +705,34 @@ fn wait_in_line(ctx: &Ctx, claim: &SandboxClaim) -> usize {
         .count()
 }
 
-/// The waiting claims of a pool pod's pool, to wake when the pod changes.
+/// The waiting claims a pool pod's change should wake: as many of its pool's oldest waiters as
+/// the pool has idle, Ready pods (waking every waiter on every pod change would be quadratic).
 fn waiters_of(ctx: &Ctx, pod: &Pod) -> Vec<ObjectRef<SandboxClaim>> {
     let Some(pool) = pod.labels().get(&ctx.contract.label_pool) else {
         return Vec::new();
     };
-    let key = format!("{}/{pool}", pod.namespace().unwrap_or_default());
-    let waiting = ctx.waiting.lock().unwrap_or_else(|e| e.into_inner());
-    waiting
-        .values()
-        .filter(|w| w.pool == key)
-        .map(|w| w.claim.clone())
-        .collect()
+    let ns = pod.namespace().unwrap_or_default();
+    let key = format!("{ns}/{pool}");
+    let mut waiters: Vec<Waiter> = {
+        let waiting = ctx.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        waiting
+            .values()
+            .filter(|w| w.pool == key)
+            .cloned()
+            .collect()
+    };
+    if waiters.is_empty() {
+        return Vec::new();
+    }
+    let idle = pool_pods(ctx, &ns, pool)
+        .iter()
+        .filter(|p| {
+            let v = PodView::of(p, &ctx.contract);
+            v.phase == Some(Phase::Idle) && v.ready && !v.deleting && !v.failed
+        })
+        .count();
+    waiters.sort_by(|a, b| a.order.cmp(&b.order));
+    waiters.into_iter().take(idle).map(|w| w.claim).collect()
 }
 
 /// The claim's bound pod, if it is still running the claim's sandbox.

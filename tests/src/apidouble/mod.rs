@@ -32,6 +32,8 @@ pub struct Hooks {
     pub token: Option<String>,
     /// The last requests served, oldest first, for a failing test to print.
     requests: Mutex<std::collections::VecDeque<String>>,
+    /// Every request served.
+    total: std::sync::atomic::AtomicU64,
 }
 
 /// How many requests [`Hooks::recent_requests`] keeps.
@@ -54,7 +56,14 @@ impl Hooks {
         log.iter().cloned().collect()
     }
 
+    /// How many requests the double has served.
+    pub fn total_requests(&self) -> u64 {
+        self.total.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn record(&self, line: String) {
+        self.total
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut log = self.requests.lock().unwrap_or_else(|e| e.into_inner());
         if log.len() == REQUEST_LOG_LEN {
             log.pop_front();
