@@ -446,7 +446,12 @@ mod tests {
             has_claim: true,
             ..pod("c", Phase::Running, false)
         };
-        let plan = plan_pool(&PoolRules::new(0, None), std::slice::from_ref(&dead), 0, now);
+        let plan = plan_pool(
+            &PoolRules::new(0, None),
+            std::slice::from_ref(&dead),
+            0,
+            now,
+        );
         assert!(
             plan.delete.is_empty(),
             "deleted before its claim recorded it"
