@@ -11,12 +11,14 @@
 #                                 pods run $SANDGATE_TEST_ECHO_IMAGE (docker build --target echo .),
 #                                 and this machine must reach pod IPs (see tests/src/target.rs)
 #
-# Scenarios named *_on_double stage races through the double's hooks and run only on a double.
+# Scenarios named *_on_double stage races through the double's hooks and run only on a double;
+# those named *_on_real_api need a real API server's admission (quota) or authorizer.
+# SANDGATE_SCENARIOS="lifecycle pools" runs only those test files.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CARGO=${CARGO:-cargo}
 mode=${1:-realapi}
-tests=(kubelet dataplane upstream control_api idle pools lifecycle e2b rbac)
+read -ra tests <<<"${SANDGATE_SCENARIOS:-kubelet dataplane upstream control_api idle pools lifecycle e2b rbac}"
 dir=$(mktemp -d)
 pids=()
 cleanup() {
@@ -73,7 +75,7 @@ double)
 	./target/debug/sandgate-apidouble "$dir/kubeconfig" 2>"$dir/double.log" &
 	pids+=($!)
 	wait_for_file "$dir/kubeconfig" 10 "${pids[0]}" "$dir/double.log"
-	SANDGATE_TEST_KUBECONFIG="$dir/kubeconfig" SANDGATE_TEST_TARGET=double run needs_rbac
+	SANDGATE_TEST_KUBECONFIG="$dir/kubeconfig" SANDGATE_TEST_TARGET=double run needs_rbac on_real_api
 	;;
 cluster)
 	: "${SANDGATE_TEST_KUBECONFIG:?set it to the kubeconfig of the cluster}"

@@ -3,6 +3,11 @@
 //! Expiry is judged on this process's own clock: a lease counts as expired when its record has not
 //! changed for its duration since we first saw it, so clock skew between pods does not matter.
 //! Every write is a replace guarded by resourceVersion, so two candidates never both win.
+//!
+//! Timing, with D the lease duration: every candidate looks every D/3. A standby takes over at
+//! its first look more than D after it first saw the leader's last renewal, which it saw up to
+//! D/3 late: between D and 5/3·D after the leader's last renewal. A leader that cannot renew
+//! stops acting 2/3·D after its last renewal.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -34,8 +39,10 @@ impl Elector {
                 Ok(false) => {}
                 Err(e) => tracing::warn!(lease = %self.name, error = %e, "lease update failed"),
             }
-            // Without a successful renewal within the lease duration, stop acting.
-            let leading = last_renew.elapsed() < self.duration;
+            // Without a successful renewal for two thirds of the lease duration (two renewals
+            // missed), stop acting: a standby takes over no sooner than one lease duration after
+            // the last renewal, so two never act at once.
+            let leading = last_renew.elapsed() < self.duration * 2 / 3;
             if leading != self.is_leader.swap(leading, Ordering::SeqCst) {
                 tracing::info!(identity = %self.identity, leading, "leadership changed");
             }

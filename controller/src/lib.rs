@@ -6,12 +6,15 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod backoff;
+pub mod claim;
 pub mod config;
 pub mod crd;
 pub mod idle;
 pub mod leader;
 pub mod lifecycle;
 pub mod metrics;
+pub mod patches;
 pub mod poller;
 pub mod pool;
 pub mod replicas;
@@ -125,6 +128,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             bound: Default::default(),
             waiting: Default::default(),
             failures: Default::default(),
+            create_backoff: Default::default(),
             domain: config.sandbox_domain.clone(),
             is_leader: is_leader.clone(),
             metrics: lifecycle_metrics,

@@ -229,6 +229,14 @@ impl Expectations {
             .insert(pod.to_string(), Instant::now());
     }
 
+    /// A create that was refused: no pod is coming.
+    pub fn forget(&self, pool: &str, pod: &str) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = m.get_mut(pool) {
+            e.remove(pod);
+        }
+    }
+
     /// How many expected pods of `pool` are still missing from `seen`.
     pub fn pending(&self, pool: &str, seen: &HashSet<&str>) -> usize {
         let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -318,6 +326,34 @@ pub fn diagnosed(mut ready: Condition, problem: Option<(String, String)>) -> Con
         }
     }
     ready
+}
+
+/// A new warm pod `<pool>-<suffix>` from the pool's template, with the contract's labels, the
+/// template hash and the pool's port.
+pub fn new_pod(pool: &crate::crd::SandboxPool, c: &Contract, suffix: &str) -> Pod {
+    use kube::ResourceExt;
+    let name = pool.name_any();
+    let t = pool.spec.template.clone();
+    let mut meta = t.metadata.unwrap_or_default();
+    meta.name = Some(format!("{name}-{suffix}"));
+    meta.namespace = pool.namespace();
+    let labels = meta.labels.get_or_insert_with(Default::default);
+    labels.insert(c.label_pool.clone(), name);
+    labels.insert(c.label_phase.clone(), Phase::Starting.as_str().into());
+    labels.remove(&c.label_sandbox_id);
+    let ann = meta.annotations.get_or_insert_with(Default::default);
+    ann.insert(
+        TEMPLATE_HASH_ANNOTATION.into(),
+        template_hash(&pool.spec.template),
+    );
+    if let Some(port) = pool.spec.port {
+        ann.insert(c.ann_port.clone(), port.to_string());
+    }
+    Pod {
+        metadata: meta,
+        spec: t.spec,
+        status: None,
+    }
 }
 
 #[cfg(test)]
@@ -559,6 +595,12 @@ mod tests {
         assert_eq!(e.pending("p", &HashSet::new()), 2);
         assert_eq!(e.pending("p", &["p-1"].into_iter().collect()), 1);
         assert_eq!(e.pending("other", &HashSet::new()), 0);
+        e.forget("p", "p-2");
+        assert_eq!(
+            e.pending("p", &HashSet::new()),
+            0,
+            "a refused create is not waited for"
+        );
     }
 
     #[test]

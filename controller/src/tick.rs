@@ -16,7 +16,6 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::Store;
 use kube::Resource;
 use sandgate_shared::{Contract, Phase};
-use serde_json::json;
 use tracing::instrument;
 
 use crate::idle::{self, Evidence, IdleTimeout, Verdict};
@@ -271,27 +270,15 @@ fn annotate(ctx: &Context, plans: &[PodPlan]) -> usize {
     n
 }
 
-/// The guarded release patch for one plan.
+/// The guarded release patch for one plan (see [`crate::patches::idle_release`]).
 pub fn release_patch(c: &Contract, p: &PodPlan, now: SystemTime) -> serde_json::Value {
-    let label = |k: &str| format!("/metadata/labels/{}", crate::idle::json_pointer(k));
-    let ann = |k: &str| format!("/metadata/annotations/{}", crate::idle::json_pointer(k));
-    let mut ops = vec![
-        json!({"op": "test", "path": label(&c.label_phase), "value": Phase::Running.as_str()}),
-        json!({"op": "test", "path": label(&c.label_sandbox_id), "value": p.sandbox_id}),
-    ];
-    if let Some(claimed) = &p.claimed_at {
-        ops.push(json!({"op": "test", "path": ann(&c.ann_claimed_at), "value": claimed}));
-    }
-    if !p.has_annotations {
-        ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": {}}));
-    }
-    ops.extend([
-        json!({"op": "replace", "path": label(&c.label_phase), "value": Phase::Stopping.as_str()}),
-        json!({"op": "add", "path": ann(&c.ann_stop_reason), "value": "IdleTimeout"}),
-        json!({"op": "add", "path": ann(&c.ann_stopped_at), "value": idle::format_time(now)}),
-        json!({"op": "add", "path": ann(&c.ann_last_active), "value": idle::format_time(p.last_active)}),
-    ]);
-    serde_json::Value::Array(ops)
+    let pod = crate::patches::IdlePod {
+        sandbox_id: &p.sandbox_id,
+        claimed_at: p.claimed_at.as_deref(),
+        has_annotations: p.has_annotations,
+        last_active: p.last_active,
+    };
+    crate::patches::idle_release(c, &pod, now)
 }
 
 async fn release(ctx: &Context, poller: &mut Poller, plans: &[PodPlan]) -> Vec<String> {

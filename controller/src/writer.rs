@@ -11,7 +11,6 @@ use std::time::SystemTime;
 use futures::{stream, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams};
-use serde_json::json;
 use tokio::sync::Notify;
 
 use crate::idle::format_time;
@@ -70,7 +69,7 @@ impl AnnotationWriter {
                         let (client, annotation, limiter, metrics) = (client.clone(), &annotation, limiter.clone(), metrics.clone());
                         async move {
                             limiter.acquire().await;
-                            let patch = json!({"metadata": {"annotations": {annotation.as_str(): format_time(at)}}});
+                            let patch = crate::patches::annotation(annotation, &format_time(at));
                             let api: Api<Pod> = Api::namespaced(client, &ns);
                             match api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
                                 Ok(_) => {

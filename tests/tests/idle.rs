@@ -332,6 +332,21 @@ async fn a_standby_takes_over_when_the_leader_dies() {
     })
     .await;
     dead.kill().await;
+    let killed = std::time::Instant::now();
+    // The standby takes over between 1 and 5/3 lease durations (3 s) after the last renewal.
+    eventually(5 * SEC + SEC, || async {
+        let g = c.controllers[0].metric("sandgate_controller_leader").await;
+        if g == 1.0 {
+            Ok(())
+        } else {
+            Err(format!("standby gauge {g}"))
+        }
+    })
+    .await;
+    println!(
+        "standby took over {:?} after the leader died",
+        killed.elapsed()
+    );
     c.sandbox("pod-idle", "idle").await;
     // Lease duration 3 s, then the idle timeout and a tick.
     until_phase(&c, "pod-idle", "stopping", RELEASE_WITHIN + 3 * SEC).await;

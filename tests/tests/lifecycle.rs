@@ -392,3 +392,167 @@ async fn five_hundred_waiting_claims_cost_the_api_nothing_and_are_served_in_orde
         until_claim(&c, first, ClaimPhase::Bound).await;
     }
 }
+
+/// The pods kube-apiserver's ResourceQuota admission counts in the test's namespace against
+/// `pods`: no quota controller runs here, so the harness writes the quota's status itself, as
+/// the controller-manager would (admission then keeps `used` current on every create).
+async fn set_pod_quota(c: &Cluster, hard: usize, used: usize) {
+    use k8s_openapi::api::core::v1::ResourceQuota;
+    let api = c.target.api::<ResourceQuota>();
+    let q: ResourceQuota = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "ResourceQuota",
+        "metadata": {"name": "pods"}, "spec": {"hard": {"pods": hard.to_string()}},
+    }))
+    .unwrap();
+    match api.create(&PostParams::default(), &q).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            let spec = json!({"spec": {"hard": {"pods": hard.to_string()}}});
+            api.patch("pods", &PatchParams::default(), &Patch::Merge(&spec))
+                .await
+                .unwrap();
+        }
+        Err(e) => panic!("{e}"),
+    }
+    let status =
+        json!({"status": {"hard": {"pods": hard.to_string()}, "used": {"pods": used.to_string()}}});
+    api.patch_status("pods", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+}
+
+async fn pool_ready(
+    c: &Cluster,
+    name: &str,
+) -> (
+    sandgate_controller::crd::SandboxPoolStatus,
+    k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition,
+) {
+    let p = c.target.api::<SandboxPool>().get(name).await.unwrap();
+    let status = p.status.unwrap_or_default();
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .cloned();
+    (status, ready.expect("a Ready condition"))
+}
+
+/// kube-apiserver's own quota admission refuses the pool's pod creates: the refusal shows in the
+/// pool's `Ready` condition, a Warning event and the waiting claim's condition; the pool's status
+/// is still written; creates back off (a handful in 12 s, not one per wakeup); raising the quota
+/// lets the pool refill and the waiting claim bind.
+#[tokio::test]
+async fn a_quota_that_refuses_pods_is_visible_backs_off_and_recovers_on_real_api() {
+    let c = cluster().await;
+    pool(&c, "q", 1, json!({})).await;
+    until_idle(&c, "q", 1).await;
+    let pods = c
+        .pods()
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .len();
+    set_pod_quota(&c, pods, pods).await;
+    claim(&c, "first", "q", json!({})).await;
+    until_claim(&c, "first", ClaimPhase::Bound).await;
+    let ready = eventually(20 * SEC, || async {
+        let (_, ready) = pool_ready(&c, "q").await;
+        if ready.reason == "PodCreateFailed" {
+            Ok(ready)
+        } else {
+            Err(format!("{ready:?}"))
+        }
+    })
+    .await;
+    assert!(
+        ready.message.contains("exceeded quota"),
+        "{}",
+        ready.message
+    );
+    let (status, _) = pool_ready(&c, "q").await;
+    assert_eq!(
+        status.replicas.get("running"),
+        Some(&1),
+        "the refusal stopped the status write: {status:?}"
+    );
+    eventually(10 * SEC, || async {
+        let events = c.target.api::<k8s_openapi::api::events::v1::Event>();
+        let list = events
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        list.items
+            .iter()
+            .find(|e| {
+                e.reason.as_deref() == Some("PodCreateFailed")
+                    && e.type_.as_deref() == Some("Warning")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("q")
+            })
+            .map(|_| ())
+            .ok_or_else(|| {
+                format!(
+                    "no PodCreateFailed Warning among {} events",
+                    list.items.len()
+                )
+            })
+    })
+    .await;
+    claim(&c, "second", "q", json!({})).await;
+    eventually(20 * SEC, || async {
+        let cl = c
+            .target
+            .api::<SandboxClaim>()
+            .get("second")
+            .await
+            .map_err(|e| e.to_string())?;
+        let cond = cl.status.unwrap_or_default().conditions.into_iter().next();
+        match cond {
+            Some(c) if c.reason == "NoIdlePod" && c.message.contains("exceeded quota") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let refused = || async {
+        c.controllers[0]
+            .metric("sandgate_controller_pod_creates_total{label=\"refused\"}")
+            .await
+    };
+    let before = refused().await;
+    assert!(before >= 1.0, "no refused create counted");
+    holds(12 * SEC, || async {
+        let n = refused().await - before;
+        if n <= 4.0 {
+            Ok(())
+        } else {
+            Err(format!("{n} refused creates in 12 s: no backoff"))
+        }
+    })
+    .await;
+    let (status, ready) = pool_ready(&c, "q").await;
+    assert_eq!(ready.reason, "PodCreateFailed", "{ready:?}");
+    assert_eq!(status.replicas.get("running"), Some(&1));
+    // The quota is raised: the next retry (30 s at most) creates the pod, the claim binds.
+    let pods = c
+        .pods()
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .len();
+    set_pod_quota(&c, pods + 1, pods).await;
+    eventually(45 * SEC, || async {
+        let cl = c
+            .target
+            .api::<SandboxClaim>()
+            .get("second")
+            .await
+            .map_err(|e| e.to_string())?;
+        match cl.status.unwrap_or_default().phase {
+            ClaimPhase::Bound => Ok(()),
+            p => Err(format!("second is {p:?}")),
+        }
+    })
+    .await;
+}

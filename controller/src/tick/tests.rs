@@ -1,5 +1,6 @@
 use super::*;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use serde_json::json;
 
 const T0: u64 = 1_800_000_000;
 fn at(secs: u64) -> SystemTime {
