@@ -27,8 +27,9 @@ pub struct Facts<'a> {
     pub pods: &'a [Arc<Pod>],
     /// Claims of the same pool that have waited longer.
     pub ahead: usize,
-    /// This process bound the claim and has not seen its status since.
-    pub bound_here: bool,
+    /// This process bound the claim this long ago, and its pod cache had not shown the bind
+    /// when last looked.
+    pub bound_here: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +45,9 @@ pub enum ClaimStep {
     Confirm,
     /// The status write of this process's bind is not in the cache yet.
     AwaitStatus,
+    /// Bound by this process, and the pod cache has not caught up with the bind: the pod's
+    /// change wakes the claim (no API read).
+    AwaitPod,
     /// The spec can never bind: `Failed`, reason `InvalidSpec`.
     Refuse(String),
     /// A lost status: the pod carrying the claim's UID is its own.
@@ -79,6 +83,9 @@ pub enum BoundStep {
     },
 }
 
+/// How long a claim bound here waits for its own status write to show before it writes it again.
+pub const STATUS_GRACE: Duration = Duration::from_secs(5);
+
 /// How often a bound claim is looked at when nothing wakes it.
 pub const BOUND_RECHECK: Duration = Duration::from_secs(60);
 
@@ -103,6 +110,7 @@ pub fn plan_claim(f: &Facts<'_>, c: &Contract, now: jiff::Timestamp) -> ClaimSte
             };
             match f.pods.iter().find(runs_it) {
                 Some(pod) => ClaimStep::Bound(plan_bound(claim, pod, c, now)),
+                None if f.bound_here.is_some() => ClaimStep::AwaitPod,
                 None => ClaimStep::Confirm,
             }
         }
@@ -151,12 +159,6 @@ pub fn plan_bound(
 
 fn plan_pending(f: &Facts<'_>, c: &Contract) -> ClaimStep {
     let claim = f.claim;
-    if f.bound_here {
-        return ClaimStep::AwaitStatus;
-    }
-    if let Err(why) = crate::validate::check_claim(&claim.spec, c) {
-        return ClaimStep::Refuse(why);
-    }
     let uid = claim.uid().unwrap_or_default();
     let own = f.pods.iter().find_map(|p| {
         let mine = p.annotations().get(CLAIM_UID_ANNOTATION) == Some(&uid);
@@ -164,8 +166,17 @@ fn plan_pending(f: &Facts<'_>, c: &Contract) -> ClaimStep {
         let id = p.labels().get(&c.label_sandbox_id)?;
         (mine && running).then(|| (p.name_any(), id.clone()))
     });
-    if let Some((pod, sandbox_id)) = own {
-        return ClaimStep::Adopt { pod, sandbox_id };
+    match (f.bound_here, own) {
+        // Bound here: its status write is on its way (the pod's or the claim's change wakes it).
+        // Never a second pod while the cache does not show the first.
+        (Some(_), None) => return ClaimStep::AwaitStatus,
+        (Some(age), Some(_)) if age < STATUS_GRACE => return ClaimStep::AwaitStatus,
+        // A lost status (a failed write, a crash, a status patched away): take the pod again.
+        (_, Some((pod, sandbox_id))) => return ClaimStep::Adopt { pod, sandbox_id },
+        (None, None) => {}
+    }
+    if let Err(why) = crate::validate::check_claim(&claim.spec, c) {
+        return ClaimStep::Refuse(why);
     }
     let Some(pool) = f.pool else {
         return ClaimStep::PoolMissing;

@@ -129,6 +129,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             waiting: Default::default(),
             failures: Default::default(),
             create_backoff: Default::default(),
+            status_written: Default::default(),
             domain: config.sandbox_domain.clone(),
             is_leader: is_leader.clone(),
             metrics: lifecycle_metrics,

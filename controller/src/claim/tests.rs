@@ -81,7 +81,7 @@ struct Row {
     pool: Option<SandboxPool>,
     pods: Vec<Arc<Pod>>,
     ahead: usize,
-    bound_here: bool,
+    bound_here: Option<Duration>,
     now: &'static str,
     want: ClaimStep,
 }
@@ -93,7 +93,7 @@ fn row(what: &'static str, claim: SandboxClaim, pods: Vec<Arc<Pod>>, want: Claim
         pool: Some(pool(json!({}))),
         pods,
         ahead: 0,
-        bound_here: false,
+        bound_here: None,
         now: "2026-12-01T00:01:00Z",
         want,
     }
@@ -214,6 +214,36 @@ fn pending_claims() {
                 sandbox_id: "sbx-1".into(),
             },
         ),
+        Row {
+            bound_here: Some(Duration::from_millis(100)),
+            ..row(
+                "bound here a moment ago: its status write is on its way",
+                claim(json!({}), Value::Null),
+                vec![running("mine", "sbx-1", mine.clone())],
+                ClaimStep::AwaitStatus,
+            )
+        },
+        Row {
+            bound_here: Some(Duration::from_secs(6)),
+            ..row(
+                "bound here, and the status never came (a failed write): adopt",
+                claim(json!({}), Value::Null),
+                vec![running("mine", "sbx-1", mine.clone())],
+                ClaimStep::Adopt {
+                    pod: "mine".into(),
+                    sandbox_id: "sbx-1".into(),
+                },
+            )
+        },
+        Row {
+            bound_here: Some(Duration::from_secs(60)),
+            ..row(
+                "bound here, the cache not showing the pod: never a second pod",
+                claim(json!({}), Value::Null),
+                vec![idle("a")],
+                ClaimStep::AwaitStatus,
+            )
+        },
         row(
             "a pod it bound that was released since is not adopted",
             claim(json!({}), Value::Null),
@@ -228,7 +258,7 @@ fn pending_claims() {
             ClaimStep::Wait,
         ),
         Row {
-            bound_here: true,
+            bound_here: Some(Duration::from_millis(100)),
             ..row(
                 "bound here, status not seen yet",
                 claim(json!({}), Value::Null),
@@ -350,6 +380,24 @@ fn bound_and_finished_claims() {
             vec![],
             ClaimStep::Confirm,
         ),
+        Row {
+            bound_here: Some(Duration::from_millis(100)),
+            ..row(
+                "bound here and the cache has not seen the bind yet: wait for the pod, no API read",
+                claim(json!({}), b.clone()),
+                vec![idle("p-1")],
+                ClaimStep::AwaitPod,
+            )
+        },
+        Row {
+            bound_here: Some(Duration::from_millis(100)),
+            ..row(
+                "bound here and the cache caught up",
+                claim(json!({}), b.clone()),
+                vec![running("p-1", "sbx-1", json!({}))],
+                keep(None, None, 60_000),
+            )
+        },
         row(
             "a released claim without a TTL stays",
             claim(json!({}), json!({"phase": "Released"})),

@@ -31,16 +31,10 @@ async fn apply(claim: Arc<SandboxClaim>, ctx: Arc<Ctx>) -> Result<Action, Error>
         .pool_store
         .get(&ObjectRef::new(&claim.spec.pool_name).within(&ns));
     let pods = pool_pods(ctx, &ns, &claim.spec.pool_name);
+    // Bound by this process: remembered until the pod cache shows the bind.
     let bound_here = {
-        let mut bound = ctx.bound.lock().unwrap_or_else(|e| e.into_inner());
-        if claim
-            .status
-            .as_ref()
-            .is_some_and(|s| s.phase != Default::default())
-        {
-            bound.remove(&uid); // its status is in
-        }
-        bound.contains_key(&uid)
+        let bound = ctx.bound.lock().unwrap_or_else(|e| e.into_inner());
+        bound.get(&uid).map(|(_, at)| at.elapsed())
     };
     let facts = Facts {
         claim,
@@ -53,16 +47,21 @@ async fn apply(claim: Arc<SandboxClaim>, ctx: Arc<Ctx>) -> Result<Action, Error>
     tracing::trace!(claim = %claim.name_any(), ?step, "claim planned");
     match step {
         ClaimStep::Finished { delete_at } => bound::finished(ctx, claim, delete_at).await,
+        ClaimStep::AwaitPod => Ok(Action::requeue(Duration::from_secs(1))),
         ClaimStep::Bound(step) => {
+            forget_bind(ctx, &uid);
             let name = claim.status.as_ref().and_then(|s| s.pod_name.clone());
             match pods.iter().find(|p| Some(p.name_any()) == name) {
                 Some(pod) => bound::run(ctx, claim, step, pod).await,
                 None => bound::confirm(ctx, claim).await,
             }
         }
-        ClaimStep::Confirm => bound::confirm(ctx, claim).await,
+        ClaimStep::Confirm => {
+            forget_bind(ctx, &uid);
+            bound::confirm(ctx, claim).await
+        }
         // Bound by this process already; the status write is what is missing.
-        ClaimStep::AwaitStatus => Ok(Action::requeue(Duration::from_millis(200))),
+        ClaimStep::AwaitStatus => Ok(Action::requeue(Duration::from_secs(1))),
         ClaimStep::Refuse(why) => refuse(ctx, claim, why).await,
         ClaimStep::Adopt { pod, sandbox_id } => {
             tracing::info!(claim = %claim.name_any(), %pod, %sandbox_id, "claim adopts the pod it bound");
@@ -94,6 +93,13 @@ async fn apply(claim: Arc<SandboxClaim>, ctx: Arc<Ctx>) -> Result<Action, Error>
             take_one(ctx, claim, &pods, candidates, idle_timeout.as_deref()).await
         }
     }
+}
+
+fn forget_bind(ctx: &Ctx, uid: &str) {
+    ctx.bound
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(uid);
 }
 
 /// Binds the first candidate that is still idle, in random order so concurrent claims spread
@@ -144,7 +150,7 @@ async fn take_one(
         ctx.bound
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(uid.clone(), name.clone());
+            .insert(uid.clone(), (name.clone(), std::time::Instant::now()));
         waiters::forget(ctx, &uid);
         let status = bound_status(ctx, claim, &name, &id);
         set_status(ctx, claim, &status).await?;

@@ -117,12 +117,15 @@ pub struct Ctx {
     pub pool_store: Store<SandboxPool>,
     /// Idle pods NotReady longer than this are replaced.
     pub not_ready_grace: Duration,
-    /// Claims this process bound, by claim UID → pod name (until the status shows it).
-    pub bound: Mutex<HashMap<String, String>>,
+    /// Claims this process bound, by claim UID → pod name and when (until the pod cache shows
+    /// the bind).
+    pub bound: Mutex<HashMap<String, (String, std::time::Instant)>>,
     /// Claims waiting for an idle pod, by claim UID; a pool pod's change wakes its pool's.
     pub waiting: Mutex<HashMap<String, Waiter>>,
     /// Per pool: its failure backoff.
     pub failures: Mutex<HashMap<String, FailureBackoff>>,
+    /// Per pool: when its status was last written.
+    pub status_written: Mutex<HashMap<String, std::time::Instant>>,
     /// Per pool: the backoff after refused creates.
     pub create_backoff: Mutex<HashMap<String, crate::backoff::RetryBackoff>>,
     pub domain: Option<String>,

@@ -21,6 +21,9 @@ use crate::pool::{plan_pool, PodView};
 /// by them, and a scale-up writes its status every pass.
 pub const MAX_CREATES_PER_PASS: usize = 64;
 
+/// The least time between two status writes of one pool whose Ready condition stays the same.
+pub const STATUS_EVERY: Duration = Duration::from_secs(1);
+
 pub async fn reconcile(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     if let Some(a) = not_leader(&ctx) {
         return Ok(a);
@@ -156,14 +159,31 @@ async fn apply(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     {
         event_warning(ctx, pool, &ready.reason, ready.message.clone()).await;
     }
+    let ready_changed =
+        previous.map(|p| (&p.status, &p.reason)) != Some((&ready.status, &ready.reason));
     status.conditions = vec![ready];
-    // Written only when it says something new (a burst makes many passes that change nothing).
-    // A refused create never stops it: the refusal is what the status says.
+    // Written only when it says something new, and while pods churn (a burst) at most every
+    // STATUS_EVERY unless the Ready condition changes. A refused create never stops it: the
+    // refusal is what the status says.
+    let mut status_due = None;
     if pool.status.as_ref() != Some(&status) {
-        let patch = crate::patches::pool_status(pool.status.as_ref(), &status);
-        let api: Api<SandboxPool> = Api::namespaced(ctx.client.clone(), &ns);
-        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
+        let since = {
+            let w = ctx.status_written.lock().unwrap_or_else(|e| e.into_inner());
+            w.get(&key).map(Instant::elapsed)
+        };
+        match since {
+            Some(since) if !ready_changed && since < STATUS_EVERY => {
+                status_due = Some(STATUS_EVERY - since);
+            }
+            _ => {
+                let patch = crate::patches::pool_status(pool.status.as_ref(), &status);
+                let api: Api<SandboxPool> = Api::namespaced(ctx.client.clone(), &ns);
+                api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await?;
+                let mut w = ctx.status_written.lock().unwrap_or_else(|e| e.into_inner());
+                w.insert(key.clone(), Instant::now());
+            }
+        }
     }
     // Looked at again by the next failure backoff, the next rotation, after a failed or
     // unfinished create, or 30 s at the latest.
@@ -174,7 +194,7 @@ async fn apply(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     } else {
         None
     };
-    let again = [backoff, plan.rotate_in, creating]
+    let again = [backoff, plan.rotate_in, creating, status_due]
         .into_iter()
         .flatten()
         .fold(Duration::from_secs(30), Duration::min);

@@ -34,6 +34,8 @@ pub struct Hooks {
     requests: Mutex<std::collections::VecDeque<String>>,
     /// Every request served.
     total: std::sync::atomic::AtomicU64,
+    /// Requests served by verb and resource (`PATCH pods/status`), for a bench to break down.
+    by_kind: Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 /// How many requests [`Hooks::recent_requests`] keeps.
@@ -59,6 +61,35 @@ impl Hooks {
     /// How many requests the double has served.
     pub fn total_requests(&self) -> u64 {
         self.total.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Requests served so far by verb and resource.
+    pub fn requests_by_kind(&self) -> std::collections::BTreeMap<String, u64> {
+        self.by_kind
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn count(&self, method: &hyper::Method, uri: &hyper::Uri) {
+        let segs: Vec<&str> = uri.path().split('/').filter(|s| !s.is_empty()).collect();
+        let at = segs.iter().position(|s| *s == "namespaces");
+        let (resource, sub) = match at {
+            Some(i) if segs.len() > i + 2 => (segs[i + 2], segs.get(i + 4).copied()),
+            _ => (segs.last().copied().unwrap_or(""), None),
+        };
+        let watch = uri.query().is_some_and(|q| q.contains("watch=true"));
+        let verb = if watch {
+            "WATCH".to_string()
+        } else {
+            method.to_string()
+        };
+        let key = match sub {
+            Some(sub) => format!("{verb} {resource}/{sub}"),
+            None => format!("{verb} {resource}"),
+        };
+        let mut m = self.by_kind.lock().unwrap_or_else(|e| e.into_inner());
+        *m.entry(key).or_default() += 1;
     }
 
     fn record(&self, line: String) {
@@ -116,6 +147,7 @@ impl ApiDouble {
                                     req.method(),
                                     req.uri()
                                 );
+                                hooks.count(req.method(), req.uri());
                                 let resp = http::handle(store, hooks.clone(), req).await;
                                 if let Ok(r) = &resp {
                                     hooks.record(format!("{line} -> {}", r.status().as_u16()));

@@ -137,6 +137,7 @@ async fn burst(c: &Cluster, n: usize, rate: f64, warm: i32) -> anyhow::Result<()
         });
     }
     let before = api_requests(c).await?;
+    let kinds_before = c.target.double().map(|d| d.hooks.requests_by_kind());
     let envoy = c.gateways[0].envoy.addr();
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(n);
@@ -182,6 +183,24 @@ async fn burst(c: &Cluster, n: usize, rate: f64, warm: i32) -> anyhow::Result<()
     }
     let took = started.elapsed();
     let requests = api_requests(c).await? - before;
+    if let (Some(d), Some(b)) = (c.target.double(), kinds_before) {
+        let mut by: Vec<(String, u64)> = d
+            .hooks
+            .requests_by_kind()
+            .into_iter()
+            .map(|(k, v)| {
+                let was = b.get(&k).copied().unwrap_or(0);
+                (k, v - was)
+            })
+            .filter(|(_, v)| *v > 0)
+            .collect();
+        by.sort_by(|a, b| b.1.cmp(&a.1));
+        let per: Vec<String> = by
+            .iter()
+            .map(|(k, v)| format!("{k} {:.2}", *v as f64 / n as f64))
+            .collect();
+        println!("API requests per claim by kind: {}", per.join(", "));
+    }
     latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
     let per_claim = requests / n as f64;
