@@ -159,8 +159,12 @@ async fn apply(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     {
         event_warning(ctx, pool, &ready.reason, ready.message.clone()).await;
     }
-    let ready_changed =
-        previous.map(|p| (&p.status, &p.reason)) != Some((&ready.status, &ready.reason));
+    // Flips between Ready and Replenishing are a pool at work (every claim makes one); a new
+    // reason (a diagnosis, a refused spec) is news and written at once.
+    let routine = |r: &str| matches!(r, "Full" | "Replenishing");
+    let ready_changed = previous.is_none_or(|p| {
+        p.reason != ready.reason && !(routine(&p.reason) && routine(&ready.reason))
+    });
     status.conditions = vec![ready];
     // Written only when it says something new, and while pods churn (a burst) at most every
     // STATUS_EVERY unless the Ready condition changes. A refused create never stops it: the

@@ -7,7 +7,7 @@
 //!
 //! Real Envoy, extproc and controller processes (release builds), the API double and the loopback
 //! kubelet; with SANDGATE_TEST_KUBECONFIG and SANDGATE_TEST_TARGET=realapi, kube-apiserver (its
-//! `apiserver_request_total` counts the requests).
+//! `apiserver_request_total` counts the requests). SANDGATE_BURST_RATE changes the arrival rate.
 
 use std::time::{Duration, Instant};
 
@@ -80,7 +80,12 @@ async fn main() -> anyhow::Result<()> {
     let (p50, p99) = (pct(0.50), pct(0.99));
     println!("claim → first 200 through Envoy: p50 {p50:.1} ms, p99 {p99:.1} ms, max {:.1} ms (target p99 ≤ 100 ms)", latencies[latencies.len() - 1]);
     println!("RESULT pool claim_p50_ms={p50:.1} claim_p99_ms={p99:.1}");
-    burst(&c, 1000, 50.0, 100).await
+    // SANDGATE_BURST_RATE=<claims/s> measures another arrival rate (the RESULT line says which).
+    let rate = std::env::var("SANDGATE_BURST_RATE")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(50.0);
+    burst(&c, 1000, rate, 100).await
 }
 
 /// Requests the API server has served so far: the double's counter, or kube-apiserver's own.
