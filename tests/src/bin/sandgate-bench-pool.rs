@@ -199,7 +199,7 @@ async fn burst(c: &Cluster, n: usize, rate: f64, warm: i32) -> anyhow::Result<()
             })
             .filter(|(_, v)| *v > 0)
             .collect();
-        by.sort_by(|a, b| b.1.cmp(&a.1));
+        by.sort_by_key(|k| std::cmp::Reverse(k.1));
         let per: Vec<String> = by
             .iter()
             .map(|(k, v)| format!("{k} {:.2}", *v as f64 / n as f64))
