@@ -1,7 +1,16 @@
 import sys
 n = int(sys.argv[1])
+mode = sys.argv[2] if len(sys.argv) > 2 else 'metadata'
 vh = []
 for i in range(n):
+    if mode == 'header':
+        vh.append(f'''            - name: rc/sbx-{i}.local
+              domains: ["sbx-{i}.local"]
+              request_headers_to_add:
+              - header: {{key: x-envoy-original-dst-host, value: "127.0.0.1:18090"}}
+                append_action: OVERWRITE_IF_EXISTS_OR_ADD
+              routes: [{{match: {{prefix: "/"}}, route: {{cluster: dst}}}}]''')
+        continue
     vh.append(f'''            - name: rc/sbx-{i}.local
               domains: ["sbx-{i}.local"]
               routes: [{{match: {{prefix: "/"}}, route: {{cluster: dst}}}}]
@@ -54,7 +63,7 @@ static_resources:
     lb_policy: CLUSTER_PROVIDED
     connect_timeout: 1s
     original_dst_lb_config:
-      use_http_header: false
+      use_http_header: {'true' if mode == 'header' else 'false'}
       metadata_key: {{key: envoy.lb, path: [{{key: x-sandbox-destination}}]}}
   - name: up
     type: STATIC
