@@ -328,6 +328,59 @@ pub fn diagnosed(mut ready: Condition, problem: Option<(String, String)>) -> Con
     ready
 }
 
+/// A pool's status after one pass.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusUpdate {
+    pub status: SandboxPoolStatus,
+    /// A new reason the pool is not Ready (a diagnosis, a backoff): worth a Warning event.
+    pub warn: Option<Condition>,
+    /// Write it now, rather than at the next status interval: the Ready reason is news.
+    /// Flips between Full and Replenishing are a pool at work (every claim makes one) and wait.
+    pub urgent: bool,
+}
+
+/// The status a pass writes: the plan's counts, the `Ready` condition (with `problem`, the first
+/// reason a pod does not start or a create was refused, explaining a shortfall), and whether it
+/// is news.
+pub fn pool_status(
+    mut status: SandboxPoolStatus,
+    pool: &crate::crd::SandboxPool,
+    backing_off: bool,
+    problem: Option<(String, String)>,
+    now: jiff::Timestamp,
+) -> StatusUpdate {
+    let generation = pool.metadata.generation;
+    status.observed_generation = generation.unwrap_or(0);
+    let previous = pool
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
+    let ready = diagnosed(
+        ready_condition(
+            &status,
+            pool.spec.replicas,
+            backing_off,
+            previous,
+            generation,
+            now,
+        ),
+        problem,
+    );
+    let routine = |r: &str| matches!(r, "Full" | "Replenishing");
+    let new_reason = previous.is_none_or(|p| p.reason != ready.reason);
+    let warn =
+        (ready.status != "True" && new_reason && !routine(&ready.reason)).then(|| ready.clone());
+    let urgent = previous.is_none_or(|p| {
+        p.reason != ready.reason && !(routine(&p.reason) && routine(&ready.reason))
+    });
+    status.conditions = vec![ready];
+    StatusUpdate {
+        status,
+        warn,
+        urgent,
+    }
+}
+
 /// A new warm pod `<pool>-<suffix>` from the pool's template, with the contract's labels, the
 /// template hash and the pool's port.
 pub fn new_pod(pool: &crate::crd::SandboxPool, c: &Contract, suffix: &str) -> Pod {
@@ -638,5 +691,105 @@ mod tests {
             jiff::Timestamp::UNIX_EPOCH,
         );
         assert_eq!(c.status, "True");
+    }
+
+    #[test]
+    fn status_updates_say_what_is_news() {
+        let now = jiff::Timestamp::from_second(5_000).unwrap();
+        let pool = |previous: Option<(&str, &str)>| -> crate::crd::SandboxPool {
+            let conditions: Vec<serde_json::Value> = previous
+                .into_iter()
+                .map(|(status, reason)| serde_json::json!({"type": "Ready", "status": status, "reason": reason, "message": "", "lastTransitionTime": "2026-12-01T00:00:00Z"}))
+                .collect();
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "sandgate.dev/v1alpha1", "kind": "SandboxPool",
+                "metadata": {"name": "p", "generation": 4},
+                "spec": {"replicas": 2, "template": {"spec": {"containers": []}}},
+                "status": {"conditions": conditions},
+            }))
+            .unwrap()
+        };
+        let counts = |available: i32| SandboxPoolStatus {
+            available,
+            ..Default::default()
+        };
+        let quota = || Some(("PodCreateFailed".to_string(), "exceeded quota".to_string()));
+        // (previous Ready, available, problem) → (reason, warn, urgent)
+        type Row<'a> = (
+            &'a str,
+            Option<(&'a str, &'a str)>,
+            i32,
+            Option<(String, String)>,
+            &'a str,
+            bool,
+            bool,
+        );
+        let rows: Vec<Row<'_>> = vec![
+            ("the first status", None, 2, None, "Full", false, true),
+            (
+                "a claim takes a pod",
+                Some(("True", "Full")),
+                1,
+                None,
+                "Replenishing",
+                false,
+                false,
+            ),
+            (
+                "the pool refills",
+                Some(("False", "Replenishing")),
+                2,
+                None,
+                "Full",
+                false,
+                false,
+            ),
+            (
+                "a refused create",
+                Some(("False", "Replenishing")),
+                1,
+                quota(),
+                "PodCreateFailed",
+                true,
+                true,
+            ),
+            (
+                "still refused",
+                Some(("False", "PodCreateFailed")),
+                1,
+                quota(),
+                "PodCreateFailed",
+                false,
+                false,
+            ),
+            (
+                "recovered",
+                Some(("False", "PodCreateFailed")),
+                2,
+                None,
+                "Full",
+                false,
+                true,
+            ),
+            (
+                "a problem while full says nothing",
+                Some(("True", "Full")),
+                2,
+                quota(),
+                "Full",
+                false,
+                false,
+            ),
+        ];
+        for (what, previous, available, problem, reason, warn, urgent) in rows {
+            let u = pool_status(counts(available), &pool(previous), false, problem, now);
+            let ready = &u.status.conditions[0];
+            assert_eq!(
+                (ready.reason.as_str(), u.warn.is_some(), u.urgent),
+                (reason, warn, urgent),
+                "{what}"
+            );
+            assert_eq!(u.status.observed_generation, 4, "{what}");
+        }
     }
 }

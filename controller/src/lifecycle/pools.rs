@@ -128,12 +128,6 @@ async fn apply(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     record_metrics(ctx, &key, &plan.status);
     tracing::debug!(pool = %key, cached = views.len(), expected, create = plan.create, delete = plan.delete.len(), mark_idle = plan.mark_idle.len(), backoff = ?backoff, "pool reconciled");
 
-    let mut status = plan.status;
-    status.observed_generation = pool.metadata.generation.unwrap_or(0);
-    let previous = pool
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
     let problem = refusal
         .map(|e| ("PodCreateFailed".to_string(), e))
         .or_else(|| {
@@ -141,31 +135,17 @@ async fn apply(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, Error> {
                 .filter(|p| PodView::of(p, &ctx.contract).phase == Some(Phase::Starting))
                 .find_map(|p| crate::pool::pod_problem(p))
         });
-    let ready = crate::pool::diagnosed(
-        crate::pool::ready_condition(
-            &status,
-            pool.spec.replicas,
-            backoff.is_some(),
-            previous,
-            pool.metadata.generation,
-            jiff::Timestamp::now(),
-        ),
+    let update = crate::pool::pool_status(
+        plan.status,
+        pool,
+        backoff.is_some(),
         problem,
+        jiff::Timestamp::now(),
     );
-    if ready.status != "True"
-        && previous.is_none_or(|p| p.reason != ready.reason)
-        && ready.reason != "Replenishing"
-        && ready.reason != "Full"
-    {
+    if let Some(ready) = &update.warn {
         event_warning(ctx, pool, &ready.reason, ready.message.clone()).await;
     }
-    // Flips between Ready and Replenishing are a pool at work (every claim makes one); a new
-    // reason (a diagnosis, a refused spec) is news and written at once.
-    let routine = |r: &str| matches!(r, "Full" | "Replenishing");
-    let ready_changed = previous.is_none_or(|p| {
-        p.reason != ready.reason && !(routine(&p.reason) && routine(&ready.reason))
-    });
-    status.conditions = vec![ready];
+    let status = update.status;
     // Written only when it says something new, and while pods churn (a burst) at most every
     // STATUS_EVERY unless the Ready condition changes. A refused create never stops it: the
     // refusal is what the status says.
@@ -176,7 +156,7 @@ async fn apply(pool: Arc<SandboxPool>, ctx: Arc<Ctx>) -> Result<Action, Error> {
             w.get(&key).map(Instant::elapsed)
         };
         match since {
-            Some(since) if !ready_changed && since < STATUS_EVERY => {
+            Some(since) if !update.urgent && since < STATUS_EVERY => {
                 status_due = Some(STATUS_EVERY - since);
             }
             _ => {
