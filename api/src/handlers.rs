@@ -245,17 +245,19 @@ impl App {
         .map_err(|e| bad_request(e.to_string()))
     }
 
+    /// Claim `name` as this replica's watch last saw it.
+    fn cached_claim(&self, name: &str) -> Option<Arc<SandboxClaim>> {
+        let key = kube::runtime::reflector::ObjectRef::new(name).within(&self.config.namespace);
+        self.claims.get(&key)
+    }
+
     /// Waits (on the claim watch) until the claim is Bound. Past `--create-timeout` the claim
     /// is deleted, so no pod is bound to a sandbox nobody will use, and the answer is a 503.
     async fn wait_bound(&self, name: &str) -> Result<Arc<SandboxClaim>> {
         let deadline = tokio::time::Instant::now() + self.config.create_timeout;
         let mut changed = self.claims_changed.subscribe();
         loop {
-            let claim = self
-                .claims
-                .state()
-                .into_iter()
-                .find(|c| c.metadata.name.as_deref() == Some(name));
+            let claim = self.cached_claim(name);
             if let Some(c) = &claim {
                 let status = c.status.clone().unwrap_or_default();
                 match status.phase {
@@ -329,11 +331,7 @@ impl App {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         let mut changed = self.claims_changed.subscribe();
         loop {
-            let claim = self
-                .claims
-                .state()
-                .into_iter()
-                .find(|c| c.metadata.name.as_deref() == Some(name));
+            let claim = self.cached_claim(name);
             if done(claim.as_deref()) {
                 return;
             }

@@ -159,6 +159,18 @@ impl Cluster {
         self.target.api()
     }
 
+    /// The pods of `pool` in `phase` (the contract's labels); none if the list fails.
+    pub async fn pool_pods(&self, pool: &str, phase: &str) -> Vec<Pod> {
+        let lp = kube::api::ListParams::default().labels(&format!(
+            "sandgate.dev/pool={pool},sandgate.dev/phase={phase}"
+        ));
+        self.pods()
+            .list(&lp)
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default()
+    }
+
     /// This test's namespace.
     pub fn ns(&self) -> &str {
         &self.target.namespace

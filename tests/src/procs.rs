@@ -132,6 +132,18 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// The status, headers and whole body of `resp`.
+    pub async fn read(resp: hyper::Response<hyper::body::Incoming>) -> anyhow::Result<Reply> {
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok(Reply {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.body).unwrap_or(serde_json::Value::Null)
     }
@@ -159,14 +171,7 @@ pub async fn get(
     let resp = sender
         .send_request(req.body(Empty::<Bytes>::new())?)
         .await?;
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = resp.into_body().collect().await?.to_bytes();
-    Ok(Reply {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
+    Reply::read(resp).await
 }
 
 /// One HTTP/1.1 request with a JSON body (or none).
@@ -195,14 +200,7 @@ pub async fn request(
     let resp = sender
         .send_request(req.body(http_body_util::Full::new(Bytes::from(bytes)))?)
         .await?;
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = resp.into_body().collect().await?.to_bytes();
-    Ok(Reply {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
+    Reply::read(resp).await
 }
 
 /// A running sandgate-extproc, killed on drop.

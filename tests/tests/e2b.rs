@@ -2,7 +2,7 @@
 //! Python SDKs (2.50 on the v1 paths, 2.63 on the v2 paths) and the JS SDK, installed by
 //! `make e2b-sdks`. The scenarios themselves are tests/e2b/scenario.py and scenario.mjs.
 
-use sandgate_tests::e2b::{E2b, JS, PY_NEW, PY_OLD};
+use sandgate_tests::e2b::{E2b, PY_NEW, PY_OLD};
 
 #[tokio::test]
 async fn python_sdk_lifecycle_on_the_v1_and_v2_paths() {
@@ -35,7 +35,6 @@ async fn another_team_sees_not_found_and_a_bad_key_gets_401() {
 #[tokio::test]
 async fn js_sdk_creates_lists_and_kills() {
     let e = E2b::start(2, &[]).await;
-    let _ = JS;
     e.node().await;
 }
 

@@ -80,20 +80,10 @@ async fn until_claim(c: &Cluster, name: &str, phase: ClaimPhase) -> SandboxClaim
     .await
 }
 
-async fn pods_of(c: &Cluster, pool: &str, phase: &str) -> Vec<Pod> {
-    let lp = ListParams::default().labels(&format!(
-        "sandgate.dev/pool={pool},sandgate.dev/phase={phase}"
-    ));
-    c.pods()
-        .list(&lp)
-        .await
-        .map(|l| l.items)
-        .unwrap_or_default()
-}
-
 async fn until_idle(c: &Cluster, pool: &str, n: usize) -> Vec<Pod> {
     eventually(30 * SEC, || async {
-        let idle: Vec<Pod> = pods_of(c, pool, "idle")
+        let idle: Vec<Pod> = c
+            .pool_pods(pool, "idle")
             .await
             .into_iter()
             .filter(|p| p.metadata.deletion_timestamp.is_none())
@@ -102,6 +92,47 @@ async fn until_idle(c: &Cluster, pool: &str, n: usize) -> Vec<Pod> {
             Ok(idle)
         } else {
             Err(format!("{} idle, want {n}", idle.len()))
+        }
+    })
+    .await
+}
+
+/// Waits until pool `name`'s `Ready` condition has `reason`; returns it.
+async fn until_pool_reason(
+    c: &Cluster,
+    name: &str,
+    reason: &str,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    eventually(20 * SEC, || async {
+        let p = c
+            .target
+            .api::<SandboxPool>()
+            .get(name)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = p.status.unwrap_or_default();
+        let cond = status.conditions.into_iter().find(|c| c.type_ == "Ready");
+        match cond {
+            Some(c) if c.reason == reason => Ok(c),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+}
+
+/// Waits until claim `name` waits for its pool (`NoIdlePod`) with a message naming `why`.
+async fn until_waiting_because(c: &Cluster, name: &str, why: &str) {
+    eventually(20 * SEC, || async {
+        let cl = c
+            .target
+            .api::<SandboxClaim>()
+            .get(name)
+            .await
+            .map_err(|e| e.to_string())?;
+        let cond = cl.status.unwrap_or_default().conditions.into_iter().next();
+        match cond {
+            Some(c) if c.reason == "NoIdlePod" && c.message.contains(why) => Ok(()),
+            other => Err(format!("{other:?}")),
         }
     })
     .await
@@ -257,25 +288,7 @@ async fn why_a_pool_does_not_fill_shows_in_its_status_and_its_waiting_claims() {
         json!({"template": {"metadata": {"annotations": {"kubelet.sandgate.dev/waiting": "ImagePullBackOff: manifest for sandgate/echo:nope not found"}}}}),
     )
     .await;
-    let ready = eventually(20 * SEC, || async {
-        let p = c
-            .target
-            .api::<SandboxPool>()
-            .get("broken")
-            .await
-            .map_err(|e| e.to_string())?;
-        let cond = p
-            .status
-            .unwrap_or_default()
-            .conditions
-            .into_iter()
-            .find(|c| c.type_ == "Ready");
-        match cond {
-            Some(c) if c.reason == "ImagePullBackOff" => Ok(c),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    let ready = until_pool_reason(&c, "broken", "ImagePullBackOff").await;
     assert!(
         ready
             .message
@@ -284,20 +297,7 @@ async fn why_a_pool_does_not_fill_shows_in_its_status_and_its_waiting_claims() {
         ready.message
     );
     claim(&c, "waiter", "broken", json!({})).await;
-    eventually(20 * SEC, || async {
-        let cl = c
-            .target
-            .api::<SandboxClaim>()
-            .get("waiter")
-            .await
-            .map_err(|e| e.to_string())?;
-        let cond = cl.status.unwrap_or_default().conditions.into_iter().next();
-        match cond {
-            Some(c) if c.reason == "NoIdlePod" && c.message.contains("ImagePullBackOff") => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    until_waiting_because(&c, "waiter", "ImagePullBackOff").await;
 }
 
 #[tokio::test]
@@ -457,15 +457,7 @@ async fn a_quota_that_refuses_pods_is_visible_backs_off_and_recovers_on_real_api
     set_pod_quota(&c, pods, pods).await;
     claim(&c, "first", "q", json!({})).await;
     until_claim(&c, "first", ClaimPhase::Bound).await;
-    let ready = eventually(20 * SEC, || async {
-        let (_, ready) = pool_ready(&c, "q").await;
-        if ready.reason == "PodCreateFailed" {
-            Ok(ready)
-        } else {
-            Err(format!("{ready:?}"))
-        }
-    })
-    .await;
+    let ready = until_pool_reason(&c, "q", "PodCreateFailed").await;
     assert!(
         ready.message.contains("exceeded quota"),
         "{}",
@@ -500,20 +492,7 @@ async fn a_quota_that_refuses_pods_is_visible_backs_off_and_recovers_on_real_api
     })
     .await;
     claim(&c, "second", "q", json!({})).await;
-    eventually(20 * SEC, || async {
-        let cl = c
-            .target
-            .api::<SandboxClaim>()
-            .get("second")
-            .await
-            .map_err(|e| e.to_string())?;
-        let cond = cl.status.unwrap_or_default().conditions.into_iter().next();
-        match cond {
-            Some(c) if c.reason == "NoIdlePod" && c.message.contains("exceeded quota") => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    until_waiting_because(&c, "second", "exceeded quota").await;
     let refused = || async {
         c.controllers[0]
             .metric("sandgate_controller_pod_creates_total{label=\"refused\"}")

@@ -5,7 +5,6 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use futures::future::join_all;
-use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use sandgate_controller::crd::{ClaimPhase, SandboxClaim, SandboxPool};
 use sandgate_tests::cluster::Cluster;
@@ -62,7 +61,7 @@ async fn until_available(c: &Cluster, pool: &str, n: i32, within: Duration) {
     eventually(within, || async {
         let p = pools(c).get(pool).await.map_err(|e| e.to_string())?;
         let s = p.status.unwrap_or_default();
-        let idle = phase_pods(c, pool, "idle").await.len() as i32;
+        let idle = c.pool_pods(pool, "idle").await.len() as i32;
         // At full size (every caller waits for the pool's `replicas`), the pool says it is Ready.
         let ready = s
             .conditions
@@ -99,17 +98,6 @@ async fn until_pool_pods(c: &Cluster, pool: &str, n: usize, within: Duration) {
         }
     })
     .await
-}
-
-async fn phase_pods(c: &Cluster, pool: &str, phase: &str) -> Vec<Pod> {
-    let lp = ListParams::default().labels(&format!(
-        "sandgate.dev/pool={pool},sandgate.dev/phase={phase}"
-    ));
-    c.pods()
-        .list(&lp)
-        .await
-        .map(|l| l.items)
-        .unwrap_or_default()
 }
 
 async fn claim(c: &Cluster, name: &str, pool: &str) {
@@ -199,7 +187,7 @@ async fn fifty_concurrent_claims_get_fifty_pods_and_a_fifty_first_waits_for_the_
     let ids: HashSet<&String> = bound.iter().map(|(i, _)| i).collect();
     assert_eq!(pods.len(), 51, "two claims share a pod");
     assert_eq!(ids.len(), 51);
-    assert_eq!(phase_pods(&c, "big", "running").await.len(), 51);
+    assert_eq!(c.pool_pods("big", "running").await.len(), 51);
 }
 
 #[tokio::test]
@@ -231,7 +219,7 @@ async fn a_failed_pod_is_replaced() {
     let c = cluster().await;
     create_pool(&c, "fail", 2, "1h").await;
     until_available(&c, "fail", 2, 30 * SEC).await;
-    let victim = phase_pods(&c, "fail", "idle").await[0]
+    let victim = c.pool_pods("fail", "idle").await[0]
         .metadata
         .name
         .clone()
@@ -363,7 +351,8 @@ async fn idle_pods_past_max_pod_age_are_replaced_and_claimed_ones_stay() {
     let c = cluster().await;
     create_pool(&c, "rot", 2, "1h").await;
     until_available(&c, "rot", 2, 30 * SEC).await;
-    let first: HashSet<String> = phase_pods(&c, "rot", "idle")
+    let first: HashSet<String> = c
+        .pool_pods("rot", "idle")
         .await
         .into_iter()
         .filter_map(|p| p.metadata.name)
@@ -378,7 +367,8 @@ async fn idle_pods_past_max_pod_age_are_replaced_and_claimed_ones_stay() {
     // Every idle pod from before is rotated out, and the pool is full again with new ones…
     let pods = c.pods();
     eventually(20 * SEC, || async {
-        let idle: Vec<String> = phase_pods(&c, "rot", "idle")
+        let idle: Vec<String> = c
+            .pool_pods("rot", "idle")
             .await
             .into_iter()
             .filter_map(|p| p.metadata.name)
@@ -444,7 +434,7 @@ async fn a_claim_the_api_server_would_refuse_fails_with_a_reason_and_is_not_retr
     let rv = failed.metadata.resource_version.clone();
     holds(3 * SEC, || async {
         let now = claims(&c).get("bad").await.map_err(|e| e.to_string())?;
-        let idle = phase_pods(&c, "strict", "idle").await.len();
+        let idle = c.pool_pods("strict", "idle").await.len();
         if now.metadata.resource_version != rv {
             return Err("the failed claim is still being written".into());
         }

@@ -37,13 +37,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let pools: Api<SandboxPool> = c.target.api();
     let claims: Api<SandboxClaim> = c.target.api();
-    let pool: SandboxPool = serde_json::from_value(json!({
-        "apiVersion": "sandgate.dev/v1alpha1", "kind": "SandboxPool",
-        "metadata": {"name": "bench"},
-        "spec": {"replicas": WARM, "port": 8080, "defaultIdleTimeout": "1h",
-                 "template": {"spec": {"containers": [{"name": "s", "image": "x", "ports": [{"containerPort": 8080}]}]}}},
-    }))?;
-    pools.create(&PostParams::default(), &pool).await?;
+    create_pool(&pools, "bench", WARM).await?;
     let mut latencies = Vec::with_capacity(CLAIMS);
     for i in 0..CLAIMS {
         // Warm pods only: wait until the pool has refilled.
@@ -88,6 +82,18 @@ async fn main() -> anyhow::Result<()> {
     burst(&c, 1000, rate, 100).await
 }
 
+/// A pool of `replicas` warm pods serving port 8080.
+async fn create_pool(pools: &Api<SandboxPool>, name: &str, replicas: i32) -> anyhow::Result<()> {
+    let pool: SandboxPool = serde_json::from_value(json!({
+        "apiVersion": "sandgate.dev/v1alpha1", "kind": "SandboxPool",
+        "metadata": {"name": name},
+        "spec": {"replicas": replicas, "port": 8080, "defaultIdleTimeout": "1h",
+                 "template": {"spec": {"containers": [{"name": "s", "image": "x", "ports": [{"containerPort": 8080}]}]}}},
+    }))?;
+    pools.create(&PostParams::default(), &pool).await?;
+    Ok(())
+}
+
 /// Requests the API server has served so far: the double's counter, or kube-apiserver's own.
 async fn api_requests(c: &Cluster) -> anyhow::Result<f64> {
     if let Some(api) = c.target.double() {
@@ -107,13 +113,7 @@ async fn burst(c: &Cluster, n: usize, rate: f64, warm: i32) -> anyhow::Result<()
     println!("== claims burst: {n} claims, Poisson arrivals at {rate}/s, pool of {warm} warm pods");
     let pools: Api<SandboxPool> = c.target.api();
     let claims: Api<SandboxClaim> = c.target.api();
-    let pool: SandboxPool = serde_json::from_value(json!({
-        "apiVersion": "sandgate.dev/v1alpha1", "kind": "SandboxPool",
-        "metadata": {"name": "burst"},
-        "spec": {"replicas": warm, "port": 8080, "defaultIdleTimeout": "1h",
-                 "template": {"spec": {"containers": [{"name": "s", "image": "x", "ports": [{"containerPort": 8080}]}]}}},
-    }))?;
-    pools.create(&PostParams::default(), &pool).await?;
+    create_pool(&pools, "burst", warm).await?;
     wait(Duration::from_secs(120), || async {
         let s = pools.get("burst").await.ok()?.status?;
         (s.available >= warm).then_some(())
