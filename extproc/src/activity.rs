@@ -128,6 +128,17 @@ impl ActivityTable {
             .map_or(0, |a| a.open_streams.load(SeqCst))
     }
 
+    /// When the sandbox was last active on this table's clock (`i64::MAX` with a stream open).
+    pub fn last_active_ms(&self, id: &str) -> Option<i64> {
+        self.entries.pin().get(id).map(|a| {
+            if a.open_streams.load(SeqCst) > 0 {
+                i64::MAX
+            } else {
+                a.last_ms.load(SeqCst)
+            }
+        })
+    }
+
     /// Forgets a sandbox (released or deleted).
     pub fn remove(&self, id: &str) -> bool {
         self.entries.pin().remove(id).is_some()

@@ -113,14 +113,19 @@ impl AccessLogs {
     }
 }
 
-/// The sandbox ID sandgate-extproc put in the request's dynamic metadata.
+/// The sandbox ID sandgate-extproc put in the request's dynamic metadata, else the name of the
+/// hot route that carried it (the fast path names each route after its sandbox; the catch-all
+/// route's name is not a sandbox ID). Never anything the client sent.
 fn sandbox_of(entry: &HttpAccessLogEntry) -> Option<SandboxKey> {
-    let meta = entry.common_properties.as_ref()?.metadata.as_ref()?;
-    let lb = meta.filter_metadata.get(METADATA_NAMESPACE)?;
-    match &lb.fields.get(METADATA_SANDBOX_ID)?.kind {
-        Some(Kind::StringValue(id)) => SandboxKey::new(id),
-        _ => None,
-    }
+    let common = entry.common_properties.as_ref()?;
+    let from_metadata = || {
+        let lb = common.metadata.as_ref()?.filter_metadata.get(METADATA_NAMESPACE)?;
+        match &lb.fields.get(METADATA_SANDBOX_ID)?.kind {
+            Some(Kind::StringValue(id)) => SandboxKey::new(id),
+            _ => None,
+        }
+    };
+    from_metadata().or_else(|| SandboxKey::new(&common.route_name))
 }
 
 #[cfg(test)]

@@ -84,6 +84,51 @@ pub struct Config {
     #[arg(long, env = "SANDGATE_DRAIN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
 
+    /// Fast path: serve hot sandbox hosts to Envoy over xDS (on the ext_proc port), so their
+    /// requests are routed inside Envoy with no ext_proc call. `false` sends every request through
+    /// ext_proc (Envoy's ADS stream is still answered, with no route).
+    #[arg(long, env = "SANDGATE_FAST_PATH", default_value_t = true, action = clap::ArgAction::Set)]
+    pub fast_path: bool,
+
+    /// Most hot sandbox hosts held in Envoy (its memory grows by about 6 KB per host). Past it, the
+    /// hosts of the least recently active sandboxes go back to the ext_proc path.
+    #[arg(long, env = "SANDGATE_FAST_PATH_MAX_ROUTES", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub fast_path_max_routes: u32,
+
+    /// How long Envoy keeps using hot routes after sandgate stops confirming them (dead, hung,
+    /// disconnected, or Envoy slow to apply an update); confirmed every quarter of it. Then every
+    /// request goes through ext_proc again.
+    #[arg(long, env = "SANDGATE_FAST_PATH_TTL", default_value = "1s", value_parser = parse_duration)]
+    pub fast_path_ttl: Duration,
+
+    /// How long hot-route changes are gathered into one update (each update rebuilds Envoy's
+    /// route table). Keep it well under a second: a release reaches Envoy after it.
+    #[arg(long, env = "SANDGATE_FAST_PATH_BATCH", default_value = "50ms", value_parser = parse_duration)]
+    pub fast_path_batch: Duration,
+
+    /// How often Envoy's per-host request counters are read for activity on hot routes. Keep it
+    /// well under the shortest idle timeout.
+    #[arg(long, env = "SANDGATE_FAST_PATH_ACTIVITY_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub fast_path_activity_interval: Duration,
+
+    /// The ORIGINAL_DST cluster hot routes send to (it reads `--fast-path-header`); only hot
+    /// routes may reach it. Must match the Envoy config.
+    #[arg(long, env = "SANDGATE_FAST_PATH_CLUSTER", default_value = "sandbox_pods_fast")]
+    pub fast_path_cluster: String,
+
+    /// The header that cluster takes the destination from; every hot route overwrites it.
+    #[arg(long, env = "SANDGATE_FAST_PATH_HEADER", default_value = "x-sandgate-destination")]
+    pub fast_path_header: String,
+
+    /// The route configuration (in the Envoy config) whose VHDS hot hosts join.
+    #[arg(long, env = "SANDGATE_FAST_PATH_ROUTE_CONFIG", default_value = "sandboxes")]
+    pub fast_path_route_config: String,
+
+    /// Per-try timeout of hot routes: the same as the catch-all route's in the Envoy config
+    /// (how long a sandbox may take to start answering).
+    #[arg(long, env = "SANDGATE_UPSTREAM_HEADERS_TIMEOUT", default_value = "300s", value_parser = parse_duration)]
+    pub upstream_headers_timeout: Duration,
+
     /// Log format: text or json.
     #[arg(long, env = "SANDGATE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,

@@ -29,6 +29,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::activity::ActivityTable;
 use crate::decision::{decide, Decision};
+use crate::fastpath::FastPath;
 use crate::index::SandboxKey;
 use crate::metrics::Metrics;
 use crate::resolver::Resolver;
@@ -57,6 +58,8 @@ pub struct Router {
     /// Upgrades are opened here at their start; the access-log stream refreshes and closes them.
     pub streams: Arc<StreamTable>,
     pub max_streams_per_sandbox: u32,
+    /// Told of every request routed by host, so its host can be routed inside Envoy next time.
+    pub fast: Option<Arc<FastPath>>,
 }
 
 #[derive(Clone)]
@@ -160,14 +163,19 @@ impl Router {
                 _ => {}
             }
         }
+        let mut form = None;
         let mut decision = match self.addresses.parse(parts) {
             Ok(addr) => {
+                form = Some(addr.form);
                 let resolved = self.resolver.resolve(&addr.id).await;
                 decide(addr, resolved, self.default_port)
             }
             Err(e) => Decision::BadRequest(e),
         };
         if let Decision::Route { id, .. } = &decision {
+            if let (Some(fast), Some(form)) = (&self.fast, form) {
+                fast.offer(parts.authority, form, id);
+            }
             if let Some(key) = SandboxKey::new(id) {
                 if upgrade {
                     decision = self.open_stream(key, request_id, decision);

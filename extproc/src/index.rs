@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use k8s_openapi::api::core::v1::Pod;
 use sandgate_shared::address::{validate_id, MAX_ID_LEN};
@@ -165,7 +165,12 @@ pub struct RouteIndex {
     removals: AtomicU64,
     /// Serialises removals with lookup inserts (never taken by readers).
     write_lock: Mutex<()>,
+    /// Told about every sandbox whose entry the watch or an eviction wrote, after the write.
+    listener: OnceLock<ChangeListener>,
 }
+
+/// Called with a sandbox whose entry changed or went, once the index shows the change.
+pub type ChangeListener = Box<dyn Fn(SandboxKey) + Send + Sync>;
 
 impl Default for RouteIndex {
     fn default() -> Self {
@@ -179,6 +184,19 @@ impl RouteIndex {
             routes: papaya::HashMap::new(),
             removals: AtomicU64::new(0),
             write_lock: Mutex::new(()),
+            listener: OnceLock::new(),
+        }
+    }
+
+    /// Sets the one listener told about every change the watch or an eviction makes (the fast
+    /// path's route table). Returns `false` if one was already set.
+    pub fn set_listener(&self, listener: ChangeListener) -> bool {
+        self.listener.set(listener).is_ok()
+    }
+
+    fn changed(&self, key: SandboxKey) {
+        if let Some(l) = self.listener.get() {
+            l(key);
         }
     }
 
@@ -201,6 +219,8 @@ impl RouteIndex {
             }
         }
         routes.insert(key, route);
+        drop(_g);
+        self.changed(key);
     }
 
     /// Removes the entry for a deleted pod (only if it came from that pod).
@@ -210,6 +230,8 @@ impl RouteIndex {
         if routes.get(key.as_str()).is_some_and(|r| r.pod == pod) {
             self.removals.fetch_add(1, Ordering::SeqCst);
             routes.remove(key.as_str());
+            drop(_g);
+            self.changed(*key);
         }
     }
 
@@ -217,7 +239,10 @@ impl RouteIndex {
     pub fn evict(&self, key: &SandboxKey) -> bool {
         let _g = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
         self.removals.fetch_add(1, Ordering::SeqCst);
-        self.routes.pin().remove(key.as_str()).is_some()
+        let removed = self.routes.pin().remove(key.as_str()).is_some();
+        drop(_g);
+        self.changed(*key);
+        removed
     }
 
     /// After a full re-list of `scope`, drops the entries of that scope the list did not contain.
@@ -232,8 +257,12 @@ impl RouteIndex {
         if !stale.is_empty() {
             self.removals.fetch_add(1, Ordering::SeqCst);
         }
-        for k in stale {
+        for k in &stale {
             routes.remove(k.as_str());
+        }
+        drop(_g);
+        for k in stale {
+            self.changed(k);
         }
     }
 

@@ -11,6 +11,7 @@ pub mod config;
 pub mod control;
 pub mod decision;
 pub mod drain;
+pub mod fastpath;
 pub mod grpc;
 pub mod index;
 pub mod kube;
@@ -36,6 +37,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if addresses.domains().is_empty() {
         tracing::warn!("no --domain configured: only the header and path forms will route");
     }
+    let fast_config = fast_path_config(&config)?;
     let token =
         sandgate_shared::server::read_token(&config.control_token_file, "--control-token-file")?;
     let client = ::kube::Client::try_default()
@@ -59,6 +61,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ));
     let sync = Arc::new(kube::SyncState::new(apis.len()));
     let activity = Arc::new(activity::ActivityTable::new());
+    let (trigger, shutdown) = shutdown::channel();
+    let fast = fastpath::FastPath::new(
+        fast_config,
+        addresses.clone(),
+        config.default_port,
+        index.clone(),
+        activity.clone(),
+        metrics::FastPathMetrics::new(&mut registry),
+        shutdown.clone(),
+    );
+    fast.spawn();
     for (scope, api) in apis {
         tokio::spawn(kube::run_watch(
             api,
@@ -71,11 +84,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ));
     }
 
-    let (trigger, shutdown) = shutdown::channel();
     let admin_listener = admin::bind(config.admin_addr, "--admin-addr").await?;
     let grpc_listener = admin::bind(config.grpc_addr, "--grpc-addr").await?;
     let control_listener = admin::bind(config.control_addr, "--control-addr").await?;
-    tracing::info!(grpc = %config.grpc_addr, admin = %config.admin_addr, domains = ?addresses.domains(), "sandgate-extproc starting");
+    tracing::info!(grpc = %config.grpc_addr, admin = %config.admin_addr, domains = ?addresses.domains(), fast_path = config.fast_path, "sandgate-extproc starting");
 
     let drain = Arc::new(drain::Drain::new(drain::DrainConfig {
         envoy_admin: config.envoy_admin,
@@ -144,6 +156,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         activity,
         streams,
         max_streams_per_sandbox: config.max_streams_per_sandbox,
+        fast: Some(fast.clone()),
     });
     let grace = config.shutdown_grace;
     let grpc_shutdown = shutdown.clone();
@@ -151,6 +164,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(grpc::Processor::new(router).into_service())
         .add_service(access_logs.into_service())
+        .add_service(fastpath::ads::Ads::new(fast.clone()).into_service())
         .serve_with_incoming_shutdown(
             // Envoy's ext_proc messages are tiny: Nagle would hold them back.
             tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
@@ -195,6 +209,56 @@ fn drain_routes(drain: Arc<drain::Drain>) -> admin::ExtraRoutes {
         }
     })
 }
+
+/// The fast path's settings, checked: a bad value exits at start naming its flag.
+fn fast_path_config(config: &Config) -> anyhow::Result<fastpath::FastPathConfig> {
+    use std::time::Duration;
+    anyhow::ensure!(
+        config.fast_path_ttl >= Duration::from_millis(200),
+        "--fast-path-ttl must be at least 200ms (it is refreshed every quarter of it)"
+    );
+    anyhow::ensure!(
+        config.fast_path_batch < config.fast_path_ttl / 2,
+        "--fast-path-batch must be under half of --fast-path-ttl"
+    );
+    anyhow::ensure!(
+        !config.fast_path_activity_interval.is_zero(),
+        "--fast-path-activity-interval must be above zero"
+    );
+    anyhow::ensure!(
+        http::HeaderName::from_bytes(config.fast_path_header.as_bytes())
+            .is_ok_and(|h| h.as_str() == config.fast_path_header),
+        "--fast-path-header must be a lower-case HTTP header name, not {:?}",
+        config.fast_path_header
+    );
+    for (flag, value) in [
+        ("--fast-path-cluster", &config.fast_path_cluster),
+        ("--fast-path-route-config", &config.fast_path_route_config),
+    ] {
+        anyhow::ensure!(
+            !value.is_empty() && !value.contains('/'),
+            "{flag} must be a non-empty name without '/', not {value:?}"
+        );
+    }
+    Ok(fastpath::FastPathConfig {
+        enabled: config.fast_path,
+        template: fastpath::RouteTemplate {
+            route_config: config.fast_path_route_config.clone(),
+            cluster: config.fast_path_cluster.clone(),
+            header: config.fast_path_header.clone(),
+            ext_proc_filter: EXT_PROC_FILTER.into(),
+            per_try_timeout: config.upstream_headers_timeout,
+        },
+        max_routes: config.fast_path_max_routes as usize,
+        ttl: config.fast_path_ttl,
+        batch: config.fast_path_batch,
+        activity_interval: config.fast_path_activity_interval,
+        envoy_admin: config.envoy_admin,
+    })
+}
+
+/// The name of the ext_proc filter in the Envoy config; hot routes turn it off.
+pub const EXT_PROC_FILTER: &str = "envoy.filters.http.ext_proc";
 
 /// Closes streams nothing refreshed within `expiry`, also when no Envoy sends access logs.
 async fn expire_streams(streams: Arc<streams::StreamTable>, expiry: std::time::Duration) {

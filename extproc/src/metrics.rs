@@ -168,6 +168,100 @@ impl Metrics {
     }
 }
 
+/// Metrics of the fast path (hot routes held in Envoy), under `sandgate_extproc_fast_path_`.
+#[derive(Clone)]
+pub struct FastPathMetrics {
+    pub routes: Gauge,
+    pub evicted: Counter,
+    pub streams: Gauge,
+    pub valid_streams: Gauge,
+    pub pushes: Counter,
+    pub pushed_upserts: Counter,
+    pub pushed_removals: Counter,
+    pub rejected: Counter,
+    pub ack_seconds: AtomicHistogram,
+    pub activity_polls_ok: Counter,
+    pub activity_polls_failed: Counter,
+    pub activity_touches: Counter,
+}
+
+impl FastPathMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let reg = registry.sub_registry_with_prefix("sandgate_extproc_fast_path");
+        let gauge = |reg: &mut Registry, name: &str, help: &str| {
+            let g = Gauge::default();
+            reg.register(name, help, g.clone());
+            g
+        };
+        let counter = |reg: &mut Registry, name: &str, help: &str| {
+            let c = Counter::default();
+            reg.register(name, help, c.clone());
+            c
+        };
+        let routes = gauge(reg, "routes", "Hot sandbox hosts in the table Envoy is sent");
+        let streams = gauge(reg, "streams", "Envoy ADS streams connected");
+        let valid_streams = gauge(
+            reg,
+            "valid_streams",
+            "ADS streams whose Envoy is told its hot routes are valid (0 means every request goes through ext_proc)",
+        );
+        let evicted = counter(
+            reg,
+            "evicted",
+            "Hot hosts dropped to stay within --fast-path-max-routes",
+        );
+        let pushes = counter(reg, "pushes", "Hot-route updates sent to Envoy");
+        let pushes_by = Family::<ResultLabels, Counter>::default();
+        reg.register(
+            "pushed_routes",
+            "Hot routes sent to Envoy, by change (upsert, removal)",
+            pushes_by.clone(),
+        );
+        let rejected = counter(
+            reg,
+            "rejected",
+            "Hot-route updates Envoy rejected (each closes its stream for a full resync)",
+        );
+        let ack_seconds = AtomicHistogram::new(&ACK_BUCKETS);
+        reg.register(
+            "ack_duration_seconds",
+            "Time from sending a hot-route update to Envoy acknowledging it",
+            ack_seconds.clone(),
+        );
+        let polls = Family::<ResultLabels, Counter>::default();
+        reg.register(
+            "activity_polls",
+            "Readings of Envoy's per-host counters, by result (ok, error)",
+            polls.clone(),
+        );
+        let activity_touches = counter(
+            reg,
+            "activity_touches",
+            "Sandboxes marked active from Envoy's per-host counters",
+        );
+        let result = |f: &Family<ResultLabels, Counter>, r| {
+            f.get_or_create(&ResultLabels { result: r }).clone()
+        };
+        FastPathMetrics {
+            routes,
+            evicted,
+            streams,
+            valid_streams,
+            pushes,
+            pushed_upserts: result(&pushes_by, "upsert"),
+            pushed_removals: result(&pushes_by, "removal"),
+            rejected,
+            ack_seconds,
+            activity_polls_ok: result(&polls, "ok"),
+            activity_polls_failed: result(&polls, "error"),
+            activity_touches,
+        }
+    }
+}
+
+/// Upper bounds in seconds of an xDS acknowledgement: 1 ms to 10 s.
+pub const ACK_BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 10.0];
+
 /// Upper bounds in seconds: 5 µs to 1 s.
 pub const DECISION_BUCKETS: [f64; 14] = [
     0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005,

@@ -55,6 +55,7 @@ fn router() -> Router {
         )),
         activity,
         max_streams_per_sandbox: 2,
+        fast: None,
     }
 }
 

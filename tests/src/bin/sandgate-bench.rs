@@ -178,6 +178,7 @@ async fn decision_bench(n: usize, iters: usize) -> (f64, f64) {
         )),
         activity,
         max_streams_per_sandbox: 1000,
+        fast: None,
     };
     // Prebuilt requests, as Envoy would send them.
     let requests: Vec<HttpHeaders> = (0..4096)

@@ -1,0 +1,225 @@
+//! The xDS resources the fast path sends Envoy. Protobuf stays in this module and in `ads`.
+//!
+//! - One `VirtualHost` per hot host (VHDS, named `<route config>/<host>`, as VHDS requires): its
+//!   one route sends everything to the fast cluster with the pod's `ip:port` in the header that
+//!   cluster reads (overwriting anything the client sent), and turns the main ext_proc filter
+//!   off. Its name is the sandbox ID, which the access logs and local replies read back.
+//! - One `Runtime` layer (RTDS) holding the validity flag, sent with a TTL and refreshed while
+//!   Envoy's copy of the table is known to be current. When sandgate stops refreshing it (dead,
+//!   hung, disconnected, or a push not acknowledged in time), Envoy drops the layer at the TTL and
+//!   its fallback filter sends every request on a hot host through ext_proc again.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::{
+    header_value_option::HeaderAppendAction, HeaderValue, HeaderValueOption,
+};
+use envoy_types::pb::envoy::config::route::v3::{
+    retry_policy::RetryBackOff, route::Action, route_action::ClusterSpecifier,
+    route_match::PathSpecifier, FilterConfig, RetryPolicy, Route, RouteAction, RouteMatch,
+    VirtualHost,
+};
+use envoy_types::pb::envoy::service::discovery::v3::Resource;
+use envoy_types::pb::envoy::service::runtime::v3::Runtime;
+use envoy_types::pb::google::protobuf::{value::Kind, Struct, UInt32Value, Value};
+use envoy_types::util::pack_any;
+
+use super::table::HotRoute;
+
+pub const VIRTUAL_HOST_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.VirtualHost";
+pub const RUNTIME_TYPE: &str = "type.googleapis.com/envoy.service.runtime.v3.Runtime";
+/// The RTDS layer (`layered_runtime` in the bootstrap names it).
+pub const RUNTIME_LAYER: &str = "sandgate-fast-path";
+/// The runtime key the fallback filter's matcher reads: 100 while the hot routes are valid.
+pub const VALID_KEY: &str = "sandgate.fast_path.valid";
+
+/// What every hot route shares; must agree with the bootstrap (`envoy/bootstrap.yaml.in`).
+#[derive(Debug, Clone)]
+pub struct RouteTemplate {
+    /// The route configuration whose VHDS namespace the virtual hosts live in.
+    pub route_config: String,
+    /// The ORIGINAL_DST cluster only hot routes reach; it reads `header`.
+    pub cluster: String,
+    /// The header that cluster takes the destination from.
+    pub header: String,
+    /// The ext_proc filter hot routes skip.
+    pub ext_proc_filter: String,
+    /// The catch-all route's per-try timeout (how long a sandbox may take to start answering).
+    pub per_try_timeout: Duration,
+}
+
+impl RouteTemplate {
+    /// The VHDS resource name of a host.
+    pub fn resource_name(&self, host: &str) -> String {
+        format!("{}/{host}", self.route_config)
+    }
+
+    /// The host a VHDS resource name stands for, if it is one of ours.
+    pub fn host_of<'a>(&self, resource_name: &'a str) -> Option<&'a str> {
+        resource_name
+            .strip_prefix(self.route_config.as_str())?
+            .strip_prefix('/')
+    }
+
+    /// The VHDS resource for one hot host. Its version is the destination, so Envoy's
+    /// `initial_resource_versions` on a reconnect say exactly what it routes where.
+    pub fn virtual_host(&self, host: &str, route: HotRoute) -> Resource {
+        let name = self.resource_name(host);
+        let vhost = VirtualHost {
+            name: name.clone(),
+            domains: vec![host.to_string()],
+            routes: vec![self.route(route)],
+            ..Default::default()
+        };
+        Resource {
+            name,
+            version: version(route.dest),
+            resource: Some(pack_any(vhost)),
+            ..Default::default()
+        }
+    }
+
+    fn route(&self, route: HotRoute) -> Route {
+        let disabled = pack_any(FilterConfig {
+            disabled: true,
+            ..Default::default()
+        });
+        Route {
+            name: route.sandbox.as_str().to_string(),
+            r#match: Some(RouteMatch {
+                path_specifier: Some(PathSpecifier::Prefix("/".into())),
+                ..Default::default()
+            }),
+            action: Some(Action::Route(RouteAction {
+                cluster_specifier: Some(ClusterSpecifier::Cluster(self.cluster.clone())),
+                timeout: Some(proto_duration(Duration::ZERO)),
+                retry_policy: Some(RetryPolicy {
+                    retry_on: "connect-failure".into(),
+                    num_retries: Some(UInt32Value { value: 10 }),
+                    per_try_timeout: Some(proto_duration(self.per_try_timeout)),
+                    retry_back_off: Some(RetryBackOff {
+                        base_interval: Some(proto_duration(Duration::from_millis(100))),
+                        max_interval: Some(proto_duration(Duration::from_millis(500))),
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })),
+            request_headers_to_add: vec![HeaderValueOption {
+                header: Some(HeaderValue {
+                    key: self.header.clone(),
+                    value: route.dest.to_string(),
+                    ..Default::default()
+                }),
+                append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+                ..Default::default()
+            }],
+            typed_per_filter_config: [(self.ext_proc_filter.clone(), disabled)].into(),
+            ..Default::default()
+        }
+    }
+}
+
+/// The version string of a hot route: its destination.
+pub fn version(dest: SocketAddr) -> String {
+    dest.to_string()
+}
+
+/// The validity flag, valid for `ttl` unless sent again.
+pub fn validity(ttl: Duration, version: u64) -> Resource {
+    let layer = Struct {
+        fields: [(
+            VALID_KEY.to_string(),
+            Value {
+                kind: Some(Kind::NumberValue(100.0)),
+            },
+        )]
+        .into(),
+    };
+    Resource {
+        name: RUNTIME_LAYER.into(),
+        version: version.to_string(),
+        ttl: Some(proto_duration(ttl)),
+        resource: Some(pack_any(Runtime {
+            name: RUNTIME_LAYER.into(),
+            layer: Some(layer),
+        })),
+        ..Default::default()
+    }
+}
+
+fn proto_duration(d: Duration) -> envoy_types::pb::google::protobuf::Duration {
+    envoy_types::pb::google::protobuf::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::SandboxKey;
+    use prost::Message;
+
+    fn template() -> RouteTemplate {
+        RouteTemplate {
+            route_config: "sandboxes".into(),
+            cluster: "sandbox_pods_fast".into(),
+            header: "x-sandgate-destination".into(),
+            ext_proc_filter: "envoy.filters.http.ext_proc".into(),
+            per_try_timeout: Duration::from_secs(300),
+        }
+    }
+
+    #[test]
+    fn a_hot_host_is_one_vhost_whose_route_overwrites_the_destination_header() {
+        let t = template();
+        let r = t.virtual_host(
+            "8080-sbx-a.sandbox.example.com",
+            HotRoute {
+                sandbox: SandboxKey::new("sbx-a").unwrap(),
+                dest: "10.1.2.3:8080".parse().unwrap(),
+            },
+        );
+        assert_eq!(r.name, "sandboxes/8080-sbx-a.sandbox.example.com");
+        assert_eq!(r.version, "10.1.2.3:8080");
+        let any = r.resource.unwrap();
+        assert_eq!(any.type_url, VIRTUAL_HOST_TYPE);
+        let vh = VirtualHost::decode(any.value.as_slice()).unwrap();
+        // VHDS removes by resource name and keys vhosts by their own name: the two must agree.
+        assert_eq!(vh.name, r.name);
+        assert_eq!(vh.domains, ["8080-sbx-a.sandbox.example.com"]);
+        let route = &vh.routes[0];
+        assert_eq!(route.name, "sbx-a");
+        let add = &route.request_headers_to_add[0];
+        assert_eq!(
+            add.append_action,
+            HeaderAppendAction::OverwriteIfExistsOrAdd as i32
+        );
+        let h = add.header.as_ref().unwrap();
+        assert_eq!((h.key.as_str(), h.value.as_str()), ("x-sandgate-destination", "10.1.2.3:8080"));
+        let Some(Action::Route(action)) = &route.action else {
+            panic!("not a route action")
+        };
+        assert_eq!(
+            action.cluster_specifier,
+            Some(ClusterSpecifier::Cluster("sandbox_pods_fast".into()))
+        );
+        let off = &route.typed_per_filter_config["envoy.filters.http.ext_proc"];
+        assert!(FilterConfig::decode(off.value.as_slice()).unwrap().disabled);
+        assert_eq!(t.host_of(&r.name), Some("8080-sbx-a.sandbox.example.com"));
+        assert_eq!(t.host_of("other/x.example.com"), None);
+    }
+
+    #[test]
+    fn the_validity_flag_carries_its_ttl() {
+        let r = validity(Duration::from_millis(1500), 7);
+        assert_eq!((r.name.as_str(), r.version.as_str()), (RUNTIME_LAYER, "7"));
+        let ttl = r.ttl.unwrap();
+        assert_eq!((ttl.seconds, ttl.nanos), (1, 500_000_000));
+        let rt = Runtime::decode(r.resource.unwrap().value.as_slice()).unwrap();
+        let v = &rt.layer.unwrap().fields[VALID_KEY];
+        assert_eq!(v.kind, Some(Kind::NumberValue(100.0)));
+    }
+}

@@ -1,0 +1,344 @@
+//! One Envoy's delta ADS stream, as a state machine with no I/O (driven by `ads`).
+//!
+//! Two resource types share the stream:
+//! - **VirtualHost** (VHDS): the hot routes. The first push of a stream answers Envoy's first
+//!   request: every hot route Envoy does not already hold with the same destination, and the
+//!   removal of everything it holds that is not current (after a restart of either side, Envoy
+//!   names what it holds in `initial_resource_versions`). Later pushes carry only what changed.
+//!   One push is in flight at a time; the next waits for its acknowledgement.
+//! - **Runtime** (RTDS): the validity flag, sent with a TTL and refreshed every quarter TTL while
+//!   the first push has been acknowledged and no push has waited longer than half the TTL. It is
+//!   withdrawn at once when that stops being true, and on a rejected push.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+
+use super::resources::{self, RouteTemplate, RUNTIME_LAYER, RUNTIME_TYPE, VIRTUAL_HOST_TYPE};
+use super::table::{Changes, HotTable};
+
+/// Why a stream must end.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    #[error("envoy rejected {type_url} push {nonce}: {message}")]
+    Rejected {
+        type_url: String,
+        nonce: String,
+        message: String,
+    },
+}
+
+impl SessionError {
+    pub fn label(&self) -> &'static str {
+        match self {
+            SessionError::Rejected { .. } => "rejected",
+        }
+    }
+}
+
+/// A push Envoy has not acknowledged yet.
+#[derive(Debug, Clone)]
+struct InFlight {
+    nonce: String,
+    sent_at: Instant,
+    first: bool,
+}
+
+/// What a push carried, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PushStats {
+    pub upserts: usize,
+    pub removals: usize,
+}
+
+pub struct Session {
+    template: std::sync::Arc<RouteTemplate>,
+    ttl: Duration,
+    /// Whether hot routes may be sent at all (`--fast-path`); without it the stream only answers.
+    enabled: bool,
+    nonce: u64,
+    // VHDS
+    vhds_subscribed: bool,
+    /// What Envoy said it held when it subscribed, until the first push answers it.
+    initial: Option<HashMap<String, String>>,
+    /// What Envoy holds once the push in flight applies: host → destination.
+    sent: HashMap<String, SocketAddr>,
+    cursor: u64,
+    in_flight: Option<InFlight>,
+    synced: bool,
+    // RTDS
+    rtds_subscribed: bool,
+    valid_sent: bool,
+    valid_version: u64,
+    last_valid: Option<Instant>,
+}
+
+impl Session {
+    pub fn new(template: std::sync::Arc<RouteTemplate>, ttl: Duration, enabled: bool) -> Self {
+        Session {
+            template,
+            ttl,
+            enabled,
+            nonce: 0,
+            vhds_subscribed: false,
+            initial: None,
+            sent: HashMap::new(),
+            cursor: 0,
+            in_flight: None,
+            synced: false,
+            rtds_subscribed: false,
+            valid_sent: false,
+            valid_version: 0,
+            last_valid: None,
+        }
+    }
+
+    /// Hot routes Envoy holds (or will, once the push in flight applies).
+    pub fn held(&self) -> usize {
+        self.sent.len()
+    }
+
+    /// Whether the validity flag is currently sent as on.
+    pub fn is_valid(&self) -> bool {
+        self.valid_sent
+    }
+
+    /// The oldest table change this stream may still need.
+    pub fn cursor(&self) -> u64 {
+        self.cursor
+    }
+
+    /// Handles one request from Envoy: a subscription, an acknowledgement or a rejection. Returns
+    /// the answers to send now and, for an acknowledged push, how long it took.
+    pub fn on_request(
+        &mut self,
+        req: DeltaDiscoveryRequest,
+        now: Instant,
+    ) -> Result<(Vec<DeltaDiscoveryResponse>, Option<Duration>), SessionError> {
+        match req.type_url.as_str() {
+            VIRTUAL_HOST_TYPE => self.on_vhds(req, now).map(|acked| (Vec::new(), acked)),
+            RUNTIME_TYPE => self.on_rtds(req, now).map(|out| (out, None)),
+            other => {
+                tracing::warn!(type_url = other, "ADS request for a type sandgate does not serve; ignored");
+                Ok((Vec::new(), None))
+            }
+        }
+    }
+
+    fn on_vhds(
+        &mut self,
+        req: DeltaDiscoveryRequest,
+        now: Instant,
+    ) -> Result<Option<Duration>, SessionError> {
+        if req.response_nonce.is_empty() {
+            // A (re)subscription: answer it with a first push.
+            self.vhds_subscribed = true;
+            if self.initial.is_none() && !self.synced {
+                self.initial = Some(req.initial_resource_versions);
+            }
+            return Ok(None);
+        }
+        let Some(flight) = self
+            .in_flight
+            .take_if(|f| f.nonce == req.response_nonce)
+        else {
+            return Ok(None); // an answer to an older push, already superseded
+        };
+        if let Some(err) = req.error_detail {
+            return Err(SessionError::Rejected {
+                type_url: req.type_url,
+                nonce: flight.nonce,
+                message: err.message,
+            });
+        }
+        if flight.first {
+            self.synced = true;
+        }
+        Ok(Some(now.saturating_duration_since(flight.sent_at)))
+    }
+
+    fn on_rtds(
+        &mut self,
+        req: DeltaDiscoveryRequest,
+        now: Instant,
+    ) -> Result<Vec<DeltaDiscoveryResponse>, SessionError> {
+        if let Some(err) = req.error_detail {
+            return Err(SessionError::Rejected {
+                type_url: req.type_url,
+                nonce: req.response_nonce,
+                message: err.message,
+            });
+        }
+        if !req.response_nonce.is_empty() {
+            return Ok(Vec::new());
+        }
+        // A subscription: Envoy waits for an answer before it starts, so give one at once.
+        self.rtds_subscribed = true;
+        Ok(self.validity(now, true).into_iter().collect())
+    }
+
+    /// The next VHDS push, if one is due and none is in flight.
+    pub fn push(&mut self, table: &HotTable, now: Instant) -> Option<(DeltaDiscoveryResponse, PushStats)> {
+        if !self.vhds_subscribed || self.in_flight.is_some() {
+            return None;
+        }
+        let mut resources = Vec::new();
+        let mut removed = Vec::new();
+        let first = !self.synced;
+        if let Some(initial) = self.initial.take() {
+            // Envoy keeps what it holds with the same destination, gets the current destination
+            // (below) for a host still hot, and loses the rest.
+            for (name, version) in initial {
+                let current = self
+                    .template
+                    .host_of(&name)
+                    .and_then(|host| Some((host, table.get(host)?)))
+                    .filter(|_| self.enabled);
+                match current {
+                    Some((host, r)) if resources::version(r.dest) == version => {
+                        self.sent.insert(host.to_string(), r.dest);
+                    }
+                    Some(_) => {}
+                    None => removed.push(name),
+                }
+            }
+            self.diff_all(table, &mut resources, &mut removed);
+        } else {
+            match table.changed_since(self.cursor) {
+                Changes::Everything => self.diff_all(table, &mut resources, &mut removed),
+                Changes::Hosts(hosts) => {
+                    for host in hosts {
+                        self.diff_one(&host, table, &mut resources, &mut removed);
+                    }
+                }
+            }
+        }
+        self.cursor = table.cursor();
+        if !first && resources.is_empty() && removed.is_empty() {
+            return None;
+        }
+        let stats = PushStats {
+            upserts: resources.len(),
+            removals: removed.len(),
+        };
+        let nonce = self.next_nonce();
+        self.in_flight = Some(InFlight {
+            nonce: nonce.clone(),
+            sent_at: now,
+            first,
+        });
+        Some((
+            DeltaDiscoveryResponse {
+                type_url: VIRTUAL_HOST_TYPE.into(),
+                resources,
+                removed_resources: removed,
+                nonce,
+                ..Default::default()
+            },
+            stats,
+        ))
+    }
+
+    fn diff_all(
+        &mut self,
+        table: &HotTable,
+        resources: &mut Vec<envoy_types::pb::envoy::service::discovery::v3::Resource>,
+        removed: &mut Vec<String>,
+    ) {
+        let mut hosts: Vec<String> = self.sent.keys().cloned().collect();
+        if self.enabled {
+            hosts.extend(table.iter().map(|(h, _)| h.to_string()));
+        }
+        hosts.sort_unstable();
+        hosts.dedup();
+        for host in hosts {
+            self.diff_one(&host, table, resources, removed);
+        }
+    }
+
+    fn diff_one(
+        &mut self,
+        host: &str,
+        table: &HotTable,
+        resources: &mut Vec<envoy_types::pb::envoy::service::discovery::v3::Resource>,
+        removed: &mut Vec<String>,
+    ) {
+        let want = table.get(host).filter(|_| self.enabled);
+        match (want, self.sent.get(host)) {
+            (Some(r), Some(d)) if *d == r.dest => {}
+            (Some(r), _) => {
+                resources.push(self.template.virtual_host(host, r));
+                self.sent.insert(host.to_string(), r.dest);
+            }
+            (None, Some(_)) => {
+                removed.push(self.template.resource_name(host));
+                self.sent.remove(host);
+            }
+            (None, None) => {}
+        }
+    }
+
+    fn wants_valid(&self, now: Instant) -> bool {
+        self.enabled
+            && self.synced
+            && self
+                .in_flight
+                .as_ref()
+                .is_none_or(|f| now.saturating_duration_since(f.sent_at) < self.ttl / 2)
+    }
+
+    /// The validity flag, when it must be sent: turned on, refreshed (every quarter TTL), or
+    /// withdrawn. `force` answers a subscription whatever the state.
+    pub fn validity(&mut self, now: Instant, force: bool) -> Option<DeltaDiscoveryResponse> {
+        if !self.rtds_subscribed {
+            return None;
+        }
+        let want = self.wants_valid(now);
+        let refresh_due = self
+            .last_valid
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.ttl / 4);
+        let mut out = DeltaDiscoveryResponse {
+            type_url: RUNTIME_TYPE.into(),
+            ..Default::default()
+        };
+        if want && (!self.valid_sent || refresh_due || force) {
+            self.valid_version += 1;
+            out.resources
+                .push(resources::validity(self.ttl, self.valid_version));
+            self.valid_sent = true;
+            self.last_valid = Some(now);
+        } else if !want && (self.valid_sent || force) {
+            out.removed_resources.push(RUNTIME_LAYER.into());
+            self.valid_sent = false;
+        } else {
+            return None;
+        }
+        out.nonce = self.next_nonce();
+        Some(out)
+    }
+
+    /// Withdraws the validity flag (before a stream ends on our side).
+    pub fn withdraw(&mut self) -> Option<DeltaDiscoveryResponse> {
+        if !self.rtds_subscribed || !self.valid_sent {
+            return None;
+        }
+        self.valid_sent = false;
+        let nonce = self.next_nonce();
+        Some(DeltaDiscoveryResponse {
+            type_url: RUNTIME_TYPE.into(),
+            removed_resources: vec![RUNTIME_LAYER.into()],
+            nonce,
+            ..Default::default()
+        })
+    }
+
+    fn next_nonce(&mut self) -> String {
+        self.nonce += 1;
+        self.nonce.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests;

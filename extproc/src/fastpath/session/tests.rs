@@ -1,0 +1,213 @@
+use super::*;
+use crate::fastpath::table::HotRoute;
+use crate::index::SandboxKey;
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use std::sync::Arc;
+
+const TTL: Duration = Duration::from_secs(1);
+
+fn template() -> Arc<RouteTemplate> {
+    Arc::new(RouteTemplate {
+        route_config: "rc".into(),
+        cluster: "fast".into(),
+        header: "x-dst".into(),
+        ext_proc_filter: "ext_proc".into(),
+        per_try_timeout: Duration::from_secs(3),
+    })
+}
+
+fn hot(t: &mut HotTable, host: &str, sandbox: &str, dest: &str) {
+    t.set(
+        host,
+        Some(HotRoute {
+            sandbox: SandboxKey::new(sandbox).unwrap(),
+            dest: dest.parse().unwrap(),
+        }),
+    );
+}
+
+fn subscribe(type_url: &str, initial: &[(&str, &str)]) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        type_url: type_url.into(),
+        resource_names_subscribe: if type_url == RUNTIME_TYPE {
+            vec![RUNTIME_LAYER.into()]
+        } else {
+            vec![]
+        },
+        initial_resource_versions: initial
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn ack(type_url: &str, nonce: &str) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        type_url: type_url.into(),
+        response_nonce: nonce.into(),
+        ..Default::default()
+    }
+}
+
+fn names(r: &DeltaDiscoveryResponse) -> (Vec<&str>, Vec<&str>) {
+    let mut up: Vec<&str> = r.resources.iter().map(|r| r.name.as_str()).collect();
+    let mut rm: Vec<&str> = r.removed_resources.iter().map(String::as_str).collect();
+    up.sort();
+    rm.sort();
+    (up, rm)
+}
+
+/// A session subscribed to both types, its first push acknowledged.
+fn synced(table: &HotTable, now: Instant) -> Session {
+    let mut s = Session::new(template(), TTL, true);
+    s.on_request(subscribe(RUNTIME_TYPE, &[]), now).unwrap();
+    s.on_request(subscribe(VIRTUAL_HOST_TYPE, &[]), now).unwrap();
+    let (first, _) = s.push(table, now).unwrap();
+    s.on_request(ack(VIRTUAL_HOST_TYPE, &first.nonce), now)
+        .unwrap();
+    s
+}
+
+#[test]
+fn the_first_push_answers_even_an_empty_table_and_then_routes_turn_valid() {
+    let now = Instant::now();
+    let table = HotTable::new(10);
+    let mut s = Session::new(template(), TTL, true);
+    // Envoy asks for the flag first: it is off until the routes are in place.
+    let (out, _) = s.on_request(subscribe(RUNTIME_TYPE, &[]), now).unwrap();
+    assert_eq!(names(&out[0]), (vec![], vec![RUNTIME_LAYER]));
+    assert!(s.validity(now, false).is_none());
+    s.on_request(subscribe(VIRTUAL_HOST_TYPE, &[]), now).unwrap();
+    let (first, stats) = s.push(&table, now).unwrap();
+    assert_eq!(first.type_url, VIRTUAL_HOST_TYPE);
+    assert_eq!(stats, PushStats::default());
+    assert!(s.validity(now, false).is_none(), "not before Envoy acknowledged");
+    let (_, took) = s
+        .on_request(ack(VIRTUAL_HOST_TYPE, &first.nonce), now + Duration::from_millis(3))
+        .unwrap();
+    assert_eq!(took, Some(Duration::from_millis(3)));
+    let on = s.validity(now, false).unwrap();
+    assert_eq!(names(&on), (vec![RUNTIME_LAYER], vec![]));
+    assert_eq!(on.resources[0].ttl.unwrap().seconds, 1);
+    assert!(s.is_valid());
+}
+
+#[test]
+fn a_reconnecting_envoy_keeps_what_is_current_and_loses_the_rest() {
+    let now = Instant::now();
+    let mut table = HotTable::new(10);
+    hot(&mut table, "a.d", "a", "10.0.0.1:80");
+    hot(&mut table, "b.d", "b", "10.0.0.2:80");
+    hot(&mut table, "c.d", "c", "10.0.0.3:80");
+    let mut s = Session::new(template(), TTL, true);
+    let held = [
+        ("rc/a.d", "10.0.0.1:80"), // current: kept, not resent
+        ("rc/b.d", "10.0.0.9:80"), // moved: resent with its new destination
+        ("rc/gone.d", "10.0.0.4:80"), // released while we were apart
+        ("other/x.d", "1"),        // not ours
+    ];
+    s.on_request(subscribe(VIRTUAL_HOST_TYPE, &held), now).unwrap();
+    let (first, stats) = s.push(&table, now).unwrap();
+    assert_eq!(
+        names(&first),
+        (vec!["rc/b.d", "rc/c.d"], vec!["other/x.d", "rc/gone.d"])
+    );
+    assert_eq!((stats.upserts, stats.removals), (2, 2));
+    assert_eq!(s.held(), 3);
+}
+
+#[test]
+fn later_pushes_carry_only_changes_one_at_a_time() {
+    let now = Instant::now();
+    let mut table = HotTable::new(10);
+    hot(&mut table, "a.d", "a", "10.0.0.1:80");
+    let mut s = synced(&table, now);
+    assert!(s.push(&table, now).is_none(), "nothing changed");
+    hot(&mut table, "b.d", "b", "10.0.0.2:80");
+    let (p1, _) = s.push(&table, now).unwrap();
+    assert_eq!(names(&p1), (vec!["rc/b.d"], vec![]));
+    // A release while that push is in flight waits for its acknowledgement.
+    table.set("a.d", None);
+    assert!(s.push(&table, now).is_none());
+    s.on_request(ack(VIRTUAL_HOST_TYPE, "stale-nonce"), now)
+        .unwrap();
+    assert!(s.push(&table, now).is_none(), "a stale ack is no ack");
+    s.on_request(ack(VIRTUAL_HOST_TYPE, &p1.nonce), now).unwrap();
+    let (p2, _) = s.push(&table, now).unwrap();
+    assert_eq!(names(&p2), (vec![], vec!["rc/a.d"]));
+    // A host added and removed between pushes costs nothing.
+    s.on_request(ack(VIRTUAL_HOST_TYPE, &p2.nonce), now).unwrap();
+    hot(&mut table, "c.d", "c", "10.0.0.3:80");
+    table.set("c.d", None);
+    assert!(s.push(&table, now).is_none());
+}
+
+#[test]
+fn a_stream_far_behind_is_compared_in_full() {
+    let now = Instant::now();
+    let mut table = HotTable::new(1);
+    let mut s = synced(&table, now);
+    for i in 0..3000 {
+        hot(&mut table, "h.d", "h", &format!("10.0.{}.{}:80", i / 200, i % 200));
+    }
+    table.trim(0);
+    let (p, _) = s.push(&table, now).unwrap();
+    assert_eq!(names(&p), (vec!["rc/h.d"], vec![]));
+}
+
+#[test]
+fn a_rejected_push_ends_the_stream() {
+    let now = Instant::now();
+    let mut table = HotTable::new(10);
+    let mut s = synced(&table, now);
+    hot(&mut table, "a.d", "a", "10.0.0.1:80");
+    let (p, _) = s.push(&table, now).unwrap();
+    let mut nack = ack(VIRTUAL_HOST_TYPE, &p.nonce);
+    nack.error_detail = Some(RpcStatus {
+        code: 3,
+        message: "duplicate domain".into(),
+        details: vec![],
+    });
+    let err = s.on_request(nack, now).unwrap_err();
+    assert!(err.to_string().contains("duplicate domain"), "{err}");
+}
+
+#[test]
+fn validity_is_refreshed_while_pushes_land_and_withdrawn_when_one_is_late() {
+    let t0 = Instant::now();
+    let mut table = HotTable::new(10);
+    let mut s = synced(&table, t0);
+    assert!(s.validity(t0, false).is_some(), "turned on");
+    assert!(s.validity(t0 + TTL / 8, false).is_none(), "not due yet");
+    assert!(s.validity(t0 + TTL / 4, false).is_some(), "refreshed");
+    hot(&mut table, "a.d", "a", "10.0.0.1:80");
+    let t1 = t0 + TTL / 4;
+    let (p, _) = s.push(&table, t1).unwrap();
+    // Envoy has not acknowledged within half the TTL: its table may be stale.
+    let late = t1 + TTL / 2;
+    let off = s.validity(late, false).unwrap();
+    assert_eq!(names(&off), (vec![], vec![RUNTIME_LAYER]));
+    assert!(!s.is_valid());
+    assert!(s.validity(late, false).is_none(), "withdrawn once");
+    s.on_request(ack(VIRTUAL_HOST_TYPE, &p.nonce), late).unwrap();
+    assert!(s.validity(late, false).unwrap().resources.len() == 1);
+    assert_eq!(names(&s.withdraw().unwrap()), (vec![], vec![RUNTIME_LAYER]));
+}
+
+#[test]
+fn with_the_fast_path_off_envoy_is_answered_emptied_and_never_told_routes_are_valid() {
+    let now = Instant::now();
+    let mut table = HotTable::new(10);
+    hot(&mut table, "a.d", "a", "10.0.0.1:80");
+    let mut s = Session::new(template(), TTL, false);
+    s.on_request(subscribe(RUNTIME_TYPE, &[]), now).unwrap();
+    s.on_request(subscribe(VIRTUAL_HOST_TYPE, &[("rc/a.d", "10.0.0.1:80")]), now)
+        .unwrap();
+    let (first, _) = s.push(&table, now).unwrap();
+    assert_eq!(names(&first), (vec![], vec!["rc/a.d"]));
+    s.on_request(ack(VIRTUAL_HOST_TYPE, &first.nonce), now)
+        .unwrap();
+    assert!(s.validity(now, false).is_none());
+    assert!(!s.is_valid());
+}

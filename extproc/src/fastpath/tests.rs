@@ -1,0 +1,197 @@
+use super::*;
+use crate::index::{PodRoute, RouteState};
+use std::time::Duration;
+
+fn running(ip: &str, default_port: Option<u16>, pod: u64) -> PodRoute {
+    PodRoute {
+        ip: Some(ip.parse().unwrap()),
+        default_port,
+        state: RouteState::Running,
+        pod,
+        scope: 0,
+    }
+}
+
+fn key(s: &str) -> SandboxKey {
+    SandboxKey::new(s).unwrap()
+}
+
+struct Fixture {
+    index: Arc<RouteIndex>,
+    activity: Arc<ActivityTable>,
+    fast: Arc<FastPath>,
+}
+
+fn fixture(enabled: bool, max_routes: usize) -> Fixture {
+    let index = Arc::new(RouteIndex::new());
+    let activity = Arc::new(ActivityTable::new());
+    let mut reg = prometheus_client::registry::Registry::default();
+    let fast = FastPath::new(
+        FastPathConfig {
+            enabled,
+            template: RouteTemplate {
+                route_config: "sandboxes".into(),
+                cluster: "fast".into(),
+                header: "x-dst".into(),
+                ext_proc_filter: "ext_proc".into(),
+                per_try_timeout: Duration::from_secs(3),
+            },
+            max_routes,
+            ttl: Duration::from_secs(1),
+            batch: Duration::from_millis(10),
+            activity_interval: Duration::from_secs(1),
+            envoy_admin: "127.0.0.1:1".parse().unwrap(),
+        },
+        AddressConfig::new(["sandbox.localhost"]).unwrap(),
+        Some(80),
+        index.clone(),
+        activity.clone(),
+        FastPathMetrics::new(&mut reg),
+        crate::shutdown::channel().1,
+    );
+    Fixture {
+        index,
+        activity,
+        fast,
+    }
+}
+
+impl Fixture {
+    fn offer(&self, authority: &str, id: &str) {
+        let form = if authority.split('.').next().unwrap().contains('-')
+            && authority.as_bytes()[0].is_ascii_digit()
+        {
+            AddressForm::HostWithPort
+        } else {
+            AddressForm::Host
+        };
+        self.fast.offer(authority.as_bytes(), form, id);
+    }
+
+    fn dest(&self, host: &str) -> Option<String> {
+        self.fast.lock_table().get(host).map(|r| r.dest.to_string())
+    }
+}
+
+#[test]
+fn an_offered_host_gets_its_destination_from_the_index() {
+    let f = fixture(true, 100);
+    f.index.apply(key("sbx-a"), running("10.0.0.1", Some(3000), 1));
+    f.offer("8080-sbx-a.sandbox.localhost:10000", "sbx-a");
+    f.offer("SBX-A.Sandbox.Localhost", "sbx-a");
+    // Not in the index (any more): not made hot.
+    f.offer("8080-sbx-gone.sandbox.localhost", "sbx-gone");
+    f.fast.sync_once();
+    assert_eq!(
+        f.dest("8080-sbx-a.sandbox.localhost").as_deref(),
+        Some("10.0.0.1:8080")
+    );
+    assert_eq!(
+        f.dest("sbx-a.sandbox.localhost").as_deref(),
+        Some("10.0.0.1:3000"),
+        "the pod's default port"
+    );
+    assert_eq!(f.dest("8080-sbx-gone.sandbox.localhost"), None);
+    assert_eq!(f.fast.len(), 2);
+}
+
+#[test]
+fn only_hosts_are_made_hot() {
+    let f = fixture(true, 100);
+    f.index.apply(key("sbx-a"), running("10.0.0.1", None, 1));
+    for form in [AddressForm::Header, AddressForm::Path] {
+        f.fast
+            .offer(b"8080-sbx-a.sandbox.localhost", form, "sbx-a");
+    }
+    f.fast.offer(b"8080-sbx-a.sandbox.localhost.", AddressForm::HostWithPort, "sbx-a");
+    f.fast.offer(b"gateway.example", AddressForm::Host, "sbx-a");
+    f.fast.sync_once();
+    assert!(f.fast.is_empty());
+}
+
+#[test]
+fn every_index_change_to_a_hot_sandbox_reaches_its_hosts() {
+    let f = fixture(true, 100);
+    f.index.apply(key("sbx-a"), running("10.0.0.1", Some(3000), 1));
+    f.index.apply(key("sbx-b"), running("10.0.0.2", None, 2));
+    f.index.apply(key("sbx-c"), running("10.0.0.3", None, 3));
+    f.offer("8080-sbx-a.sandbox.localhost", "sbx-a");
+    f.offer("sbx-a.sandbox.localhost", "sbx-a");
+    f.offer("8080-sbx-b.sandbox.localhost", "sbx-b");
+    f.offer("8080-sbx-c.sandbox.localhost", "sbx-c");
+    f.fast.sync_once();
+    assert_eq!(f.fast.len(), 4);
+
+    // A new IP and a new default port.
+    f.index.apply(key("sbx-a"), running("10.0.0.9", Some(4000), 1));
+    // Released (not routable), and deleted.
+    let mut released = running("10.0.0.2", None, 2);
+    released.state = RouteState::Gone;
+    f.index.apply(key("sbx-b"), released);
+    f.index.delete(&key("sbx-c"), 3);
+    f.fast.sync_once();
+    assert_eq!(
+        f.dest("8080-sbx-a.sandbox.localhost").as_deref(),
+        Some("10.0.0.9:8080")
+    );
+    assert_eq!(
+        f.dest("sbx-a.sandbox.localhost").as_deref(),
+        Some("10.0.0.9:4000")
+    );
+    assert_eq!(f.dest("8080-sbx-b.sandbox.localhost"), None);
+    assert_eq!(f.dest("8080-sbx-c.sandbox.localhost"), None);
+
+    // An eviction from the control API, and a re-list that no longer holds the sandbox.
+    f.index.evict(&key("sbx-a"));
+    f.fast.sync_once();
+    assert!(f.fast.is_empty());
+}
+
+#[test]
+fn a_change_between_offer_and_sync_is_seen() {
+    let f = fixture(true, 100);
+    f.index.apply(key("sbx-a"), running("10.0.0.1", None, 1));
+    f.offer("8080-sbx-a.sandbox.localhost", "sbx-a");
+    // Released after ext_proc routed it, before the sync task ran.
+    f.index.evict(&key("sbx-a"));
+    f.fast.sync_once();
+    assert!(f.fast.is_empty());
+}
+
+#[test]
+fn past_its_bound_the_table_drops_the_least_recently_active_sandboxes() {
+    let f = fixture(true, 20);
+    for i in 0..25 {
+        let id = format!("sbx-{i}");
+        f.index
+            .apply(key(&id), running(&format!("10.0.0.{i}"), None, i));
+        f.activity.touch_at(key(&id), i as i64 * 1000);
+        f.offer(&format!("8080-{id}.sandbox.localhost"), &id);
+    }
+    f.fast.sync_once();
+    // 95% of 20 kept: the six least recently active went.
+    assert_eq!(f.fast.len(), 19);
+    for i in 0..6 {
+        assert_eq!(f.dest(&format!("8080-sbx-{i}.sandbox.localhost")), None);
+    }
+    assert!(f.dest("8080-sbx-24.sandbox.localhost").is_some());
+}
+
+#[test]
+fn switched_off_nothing_is_made_hot() {
+    let f = fixture(false, 100);
+    f.index.apply(key("sbx-a"), running("10.0.0.1", None, 1));
+    f.offer("8080-sbx-a.sandbox.localhost", "sbx-a");
+    f.fast.sync_once();
+    assert!(f.fast.is_empty());
+}
+
+#[test]
+fn canonical_hosts_are_lower_case_without_a_port() {
+    let c = |a: &str| canonical_host(a.as_bytes()).map(|h| h.into_owned());
+    assert_eq!(c("A.B:8080").as_deref(), Some("a.b"));
+    assert_eq!(c("a.b").as_deref(), Some("a.b"));
+    assert_eq!(c("a.b."), None);
+    assert_eq!(c(""), None);
+    assert_eq!(c("[::1]").as_deref(), Some("[::1]"));
+}
