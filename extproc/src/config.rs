@@ -124,11 +124,6 @@ pub struct Config {
     #[arg(long, env = "SANDGATE_FAST_PATH_ROUTE_CONFIG", default_value = "sandboxes")]
     pub fast_path_route_config: String,
 
-    /// Per-try timeout of hot routes: the same as the catch-all route's in the Envoy config
-    /// (how long a sandbox may take to start answering).
-    #[arg(long, env = "SANDGATE_UPSTREAM_HEADERS_TIMEOUT", default_value = "300s", value_parser = parse_duration)]
-    pub upstream_headers_timeout: Duration,
-
     /// Log format: text or json.
     #[arg(long, env = "SANDGATE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,

@@ -246,8 +246,6 @@ fn fast_path_config(config: &Config) -> anyhow::Result<fastpath::FastPathConfig>
             route_config: config.fast_path_route_config.clone(),
             cluster: config.fast_path_cluster.clone(),
             header: config.fast_path_header.clone(),
-            ext_proc_filter: EXT_PROC_FILTER.into(),
-            per_try_timeout: config.upstream_headers_timeout,
         },
         max_routes: config.fast_path_max_routes as usize,
         ttl: config.fast_path_ttl,
@@ -256,9 +254,6 @@ fn fast_path_config(config: &Config) -> anyhow::Result<fastpath::FastPathConfig>
         envoy_admin: config.envoy_admin,
     })
 }
-
-/// The name of the ext_proc filter in the Envoy config; hot routes turn it off.
-pub const EXT_PROC_FILTER: &str = "envoy.filters.http.ext_proc";
 
 /// Closes streams nothing refreshed within `expiry`, also when no Envoy sends access logs.
 async fn expire_streams(streams: Arc<streams::StreamTable>, expiry: std::time::Duration) {

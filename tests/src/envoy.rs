@@ -139,6 +139,46 @@ impl Envoy {
     pub fn addr(&self) -> std::net::SocketAddr {
         ([127, 0, 0, 1], self.ports.listen_port).into()
     }
+
+    /// One call to Envoy's admin API.
+    pub async fn admin(&self, method: &str, path: &str) -> anyhow::Result<crate::procs::Reply> {
+        crate::procs::request(
+            ([127, 0, 0, 1], self.ports.admin_port).into(),
+            method,
+            path,
+            &[],
+            None,
+        )
+        .await
+    }
+
+    /// The hosts Envoy routes by itself: the virtual hosts sandgate-extproc sent it (named
+    /// `sandboxes/<host>`), from its config dump.
+    pub async fn hot_hosts(&self) -> Vec<String> {
+        let Ok(r) = self
+            .admin("GET", "/config_dump?resource=static_route_configs")
+            .await
+        else {
+            return Vec::new();
+        };
+        let dump = r.json();
+        let mut hosts = Vec::new();
+        for c in dump["configs"].as_array().into_iter().flatten() {
+            for vh in c["route_config"]["virtual_hosts"].as_array().into_iter().flatten() {
+                if let Some(h) = vh["name"].as_str().and_then(|n| n.strip_prefix("sandboxes/")) {
+                    hosts.push(h.to_string());
+                }
+            }
+        }
+        hosts
+    }
+
+    /// Whether Envoy currently holds sandgate's validity flag for its hot routes.
+    pub async fn hot_routes_valid(&self) -> bool {
+        self.admin("GET", "/runtime")
+            .await
+            .is_ok_and(|r| r.json()["entries"]["sandgate.fast_path.valid"]["final_value"] == "100")
+    }
 }
 
 /// Runs `envoy --mode validate` on a config file.
@@ -162,4 +202,55 @@ pub fn validate(config: &Path) -> anyhow::Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(())
+}
+
+/// The same config without the fast path: no ADS stream, no VHDS, no validity flag, no fallback
+/// filter, no fast cluster. Envoy with only the ext_proc path (the benchmark's null and ext_proc
+/// variants).
+pub fn without_fast_path(yaml: &str) -> String {
+    let mut cfg: serde_json::Value = serde_yaml::from_str(yaml).expect("envoy yaml");
+    let root = cfg.as_object_mut().expect("bootstrap");
+    root.remove("dynamic_resources");
+    root.remove("layered_runtime");
+    let hcm = &mut cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        ["typed_config"];
+    let rc = hcm["route_config"].as_object_mut().expect("route_config");
+    rc.remove("vhds");
+    for vh in rc["virtual_hosts"].as_array_mut().expect("virtual_hosts") {
+        vh.as_object_mut()
+            .expect("virtual host")
+            .remove("typed_per_filter_config");
+    }
+    let filters = hcm["http_filters"].as_array_mut().expect("http_filters");
+    filters.retain(|f| f["name"] != "sandgate.fast_path_fallback");
+    for f in filters {
+        f.as_object_mut().expect("filter").remove("disabled");
+    }
+    cfg["static_resources"]["clusters"]
+        .as_array_mut()
+        .expect("clusters")
+        .retain(|c| c["name"] != "sandbox_pods_fast");
+    serde_yaml::to_string(&cfg).expect("yaml")
+}
+
+/// Envoy alone: no ext_proc and no fast path; the ORIGINAL_DST cluster takes the destination from
+/// the `x-envoy-original-dst-host` header (the benchmark's direct variant: trusted load only).
+pub fn direct(yaml: &str) -> String {
+    let mut cfg: serde_json::Value =
+        serde_yaml::from_str(&without_fast_path(yaml)).expect("envoy yaml");
+    let hcm = &mut cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        ["typed_config"];
+    hcm["http_filters"]
+        .as_array_mut()
+        .expect("http_filters")
+        .retain(|f| f["name"] != "envoy.filters.http.ext_proc");
+    for c in cfg["static_resources"]["clusters"]
+        .as_array_mut()
+        .expect("clusters")
+    {
+        if c["name"] == "sandbox_pods" {
+            c["original_dst_lb_config"] = serde_json::json!({"use_http_header": true});
+        }
+    }
+    serde_yaml::to_string(&cfg).expect("yaml")
 }

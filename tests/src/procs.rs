@@ -258,6 +258,16 @@ impl Extproc {
         .await
     }
 
+    /// A counter or gauge from its /metrics (0 when absent).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self
+            .admin_get("/metrics")
+            .await
+            .map(|r| r.body)
+            .unwrap_or_default();
+        crate::cluster::metric_value(&text, series)
+    }
+
     pub async fn is_ready(&self) -> bool {
         self.admin_get("/readyz")
             .await
@@ -273,6 +283,15 @@ impl Extproc {
             }
         })
         .await
+    }
+
+    /// Sends a signal by name (`STOP` freezes it with its connections open, `CONT` resumes it).
+    pub fn signal(&self, name: &str) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args([&format!("-{name}"), &pid.to_string()])
+                .status();
+        }
     }
 
     /// Kills the process and waits for it to exit.

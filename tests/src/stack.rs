@@ -110,6 +110,49 @@ impl Stack {
     pub fn envoy_addr(&self) -> SocketAddr {
         self.envoy.addr()
     }
+
+    /// Kills the extproc and starts a new one on the same ports, flags as at the start plus
+    /// `extra`. Does not wait for it to be ready.
+    pub async fn respawn_extproc(&mut self, extra: &[&str]) {
+        self.extproc.kill().await;
+        self.extproc = spawn_extproc(
+            self.dir.path(),
+            &self.target,
+            self.extproc.grpc_port,
+            self.envoy.ports.admin_port,
+            extra,
+        )
+        .await;
+    }
+
+    /// Requests ext_proc has routed so far.
+    pub async fn routed_by_ext_proc(&self) -> f64 {
+        self.extproc
+            .metric("sandgate_extproc_requests_total{outcome=\"routed\"}")
+            .await
+    }
+
+    /// Waits until `host` is routed by Envoy alone: its virtual host is in Envoy's route table
+    /// and a request to it reaches a pod without ext_proc routing it.
+    pub async fn until_hot(&self, host: &str, within: Duration) {
+        eventually(within, || async {
+            let before = self.routed_by_ext_proc().await;
+            let r = get(self.envoy.addr(), host, "/", &[])
+                .await
+                .map_err(|e| e.to_string())?;
+            if r.status != 200 {
+                return Err(format!("{host}: {} {}", r.status, r.body));
+            }
+            let held = self.envoy.hot_hosts().await;
+            let after = self.routed_by_ext_proc().await;
+            if held.iter().any(|h| h == host) && after == before {
+                Ok(())
+            } else {
+                Err(format!("{host} not hot: envoy holds {held:?}, ext_proc routed {before} then {after}"))
+            }
+        })
+        .await
+    }
 }
 
 impl Drop for Stack {
@@ -125,6 +168,12 @@ impl Drop for Stack {
 /// How often the test Envoys report open streams (the shipped config says 30 s).
 pub const TEST_ACCESS_LOG_FLUSH: &str = "1s";
 
+/// Whether test gateways run with the fast path (hot routes held in Envoy): on unless
+/// `SANDGATE_TEST_FAST_PATH=off`. CI runs the data-plane and idle scenarios both ways.
+pub fn fast_path() -> bool {
+    std::env::var("SANDGATE_TEST_FAST_PATH").map_or(true, |v| v != "off")
+}
+
 /// Starts sandgate-extproc against `target` (ext_proc gRPC on `grpc_port`, `--domain` DOMAIN,
 /// watching the target's namespace, plus `extra` flags) and an Envoy in front of it (open streams
 /// reported every `access_log_flush`), and waits until the extproc is ready.
@@ -136,18 +185,7 @@ pub async fn start_gateway(
     access_log_flush: &str,
 ) -> (Extproc, Envoy) {
     let envoy_admin = free_port();
-    let envoy_admin_flag = format!("127.0.0.1:{envoy_admin}");
-    let mut flags = vec![
-        "--domain",
-        DOMAIN,
-        "--namespace",
-        &target.namespace,
-        "--envoy-admin",
-        &envoy_admin_flag,
-    ];
-    flags.extend_from_slice(extra);
-    let kubeconfig = target.kubeconfig_for(dir, "sandgate-extproc").await;
-    let extproc = Extproc::spawn(dir, &kubeconfig, grpc_port, &flags).expect("spawn extproc");
+    let extproc = spawn_extproc(dir, target, grpc_port, envoy_admin, extra).await;
     let ports = EnvoyPorts {
         listen_addr: "127.0.0.1".into(),
         listen_port: free_port(),
@@ -159,6 +197,33 @@ pub async fn start_gateway(
     let envoy = Envoy::start(dir, ports).await.expect("envoy");
     extproc.wait_ready(Duration::from_secs(40)).await;
     (extproc, envoy)
+}
+
+/// Starts sandgate-extproc as a test gateway runs it (`--domain` DOMAIN, the target's namespace,
+/// its Envoy's admin port, the fast path as [`fast_path`] says, plus `extra`). Does not wait.
+pub async fn spawn_extproc(
+    dir: &std::path::Path,
+    target: &Target,
+    grpc_port: u16,
+    envoy_admin: u16,
+    extra: &[&str],
+) -> Extproc {
+    let envoy_admin_flag = format!("127.0.0.1:{envoy_admin}");
+    let mut flags = vec![
+        "--domain",
+        DOMAIN,
+        "--namespace",
+        &target.namespace,
+        "--envoy-admin",
+        &envoy_admin_flag,
+    ];
+    // Tests about the fast path itself name it in `extra`.
+    if !fast_path() && !extra.iter().any(|f| f.starts_with("--fast-path")) {
+        flags.push("--fast-path=false");
+    }
+    flags.extend_from_slice(extra);
+    let kubeconfig = target.kubeconfig_for(dir, "sandgate-extproc").await;
+    Extproc::spawn(dir, &kubeconfig, grpc_port, &flags).expect("spawn extproc")
 }
 
 /// Creates a contract pod and waits until the kubelet runs it.

@@ -3,15 +3,16 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
 use sandgate_tests::procs::{eventually, get};
-use sandgate_tests::stack::Stack;
+use sandgate_tests::stack::{fast_path, Stack};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
 const SEC: Duration = Duration::from_secs(1);
+const MS: Duration = Duration::from_millis(1);
 
 #[tokio::test]
 async fn every_address_form_routes_to_the_right_pod() {
@@ -248,22 +249,36 @@ async fn spoofed_destinations_never_reach_another_address() {
 async fn extproc_down_means_503_never_a_fall_through() {
     let mut s = Stack::start().await;
     s.sandbox("pod-x", "sbx-x", 8080).await;
-    s.until_status("8080-sbx-x.sandbox.localhost", 200, SEC)
-        .await;
+    let host = "8080-sbx-x.sandbox.localhost";
+    s.until_status(host, 200, SEC).await;
+    if fast_path() {
+        s.until_hot(host, 5 * SEC).await;
+    }
     let (canary, hits) = canary().await;
     let target = canary.to_string();
+    let spoof = [
+        ("x-envoy-original-dst-host", target.as_str()),
+        ("x-sandbox-destination", target.as_str()),
+        ("x-sandgate-destination", target.as_str()),
+    ];
+    let killed = Instant::now();
     s.extproc.kill().await;
+    // A hot route keeps reaching its own pod for at most the validity TTL (1 s) after sandgate
+    // is gone; then, as on the ext_proc path at once, every request is a 503.
+    let grace = if fast_path() { 1500 * MS } else { Duration::ZERO };
+    eventually(grace + SEC, || async {
+        let r = s.get(host, "/", &spoof).await;
+        match (r.status, r.pod()) {
+            (503, None) => Ok(()),
+            (200, Some(pod)) if pod == "pod-x" && killed.elapsed() < grace => {
+                Err("still routed by envoy".to_string())
+            }
+            (status, pod) => panic!("{:?} after the kill: {status} from {pod:?}: {}", killed.elapsed(), r.body),
+        }
+    })
+    .await;
     for _ in 0..5 {
-        let r = s
-            .get(
-                "8080-sbx-x.sandbox.localhost",
-                "/",
-                &[
-                    ("x-envoy-original-dst-host", &target),
-                    ("x-sandbox-destination", &target),
-                ],
-            )
-            .await;
+        let r = s.get(host, "/", &spoof).await;
         assert_eq!(r.status, 503, "{}", r.body);
         assert!(r.pod().is_none());
     }
@@ -301,23 +316,7 @@ async fn restarted_extproc_is_not_ready_until_synced_then_never_502s() {
     if let Some(api) = s.target.double() {
         api.set_list_delay(Some(Duration::from_millis(1500)));
     }
-    let kubeconfig = s
-        .target
-        .kubeconfig_for(s.dir.path(), "sandgate-extproc")
-        .await;
-    let ns = s.target.namespace.clone();
-    s.extproc = sandgate_tests::procs::Extproc::spawn(
-        s.dir.path(),
-        &kubeconfig,
-        s.extproc.grpc_port,
-        &[
-            "--domain",
-            sandgate_tests::stack::DOMAIN,
-            "--namespace",
-            &ns,
-        ],
-    )
-    .unwrap();
+    s.respawn_extproc(&[]).await;
     eventually(5 * SEC, || async {
         match s.extproc.admin_get("/healthz").await {
             Ok(r) if r.status == 200 => Ok(()),

@@ -33,8 +33,6 @@ fn fixture(enabled: bool, max_routes: usize) -> Fixture {
                 route_config: "sandboxes".into(),
                 cluster: "fast".into(),
                 header: "x-dst".into(),
-                ext_proc_filter: "ext_proc".into(),
-                per_try_timeout: Duration::from_secs(3),
             },
             max_routes,
             ttl: Duration::from_secs(1),

@@ -28,7 +28,7 @@ use sandgate_extproc::grpc::Router;
 use sandgate_extproc::index::{PodRoute, RouteIndex, RouteState, SandboxKey};
 use sandgate_extproc::resolver::{LookupError, PodLookup, Resolver};
 use sandgate_tests::apidouble::ApiDouble;
-use sandgate_tests::envoy::{envoy_bin, render, EnvoyPorts};
+use sandgate_tests::envoy::{direct, envoy_bin, render, without_fast_path, EnvoyPorts};
 use sandgate_tests::procs::{eventually, free_port, get, wait_for_tcp, Extproc};
 use serde_json::json;
 use tokio::process::Command;
@@ -69,6 +69,12 @@ struct Args {
     sandboxes: usize,
     #[arg(long, default_value_t = 1_000)]
     hot: usize,
+    /// Only measure Envoy's memory per hot route.
+    #[arg(long, hide = true)]
+    memory_only: bool,
+    /// Hot routes installed in Envoy for the memory measurement.
+    #[arg(long, default_value_t = 10_000)]
+    routes: usize,
 }
 
 #[tokio::main]
@@ -82,6 +88,10 @@ async fn main() -> anyhow::Result<()> {
             ))))
             .serve(([127, 0, 0, 1], port).into())
             .await?;
+        return Ok(());
+    }
+    if args.memory_only {
+        envoy_bytes_per_route(&args).await?;
         return Ok(());
     }
     println!("== decision microbenchmark (100 000 indexed sandboxes, in process)");
@@ -99,7 +109,7 @@ async fn main() -> anyhow::Result<()> {
         "\nmedians over {} rounds:\n\n| variant | req/s | p50 ms | p99 ms |\n|---|---|---|---|",
         args.rounds
     );
-    for (name, rs) in ["direct", "null", "sandgate"].iter().zip(&runs) {
+    for (name, rs) in ["direct", "null", "sandgate", "fast"].iter().zip(&runs) {
         let r = median(rs.clone());
         println!(
             "| {name} | {:.0} | {:.2} | {:.2} |",
@@ -107,7 +117,7 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     // Ratios are paired per round (the variants run back to back), then the median is taken.
-    let (direct, null, sandgate) = (&runs[0], &runs[1], &runs[2]);
+    let (direct, null, sandgate, fast) = (&runs[0], &runs[1], &runs[2], &runs[3]);
     let ratio = |a: &[Run], b: &[Run], f: fn(&Run) -> f64| {
         let mut v: Vec<f64> = a.iter().zip(b).map(|(x, y)| f(x) / f(y)).collect();
         v.sort_by(f64::total_cmp);
@@ -116,12 +126,16 @@ async fn main() -> anyhow::Result<()> {
     let rps_vs_null = ratio(sandgate, null, |r| r.rps);
     let p99_vs_null = ratio(sandgate, null, |r| r.p99_ms);
     let rps_vs_direct = ratio(sandgate, direct, |r| r.rps);
+    let rps_fast = ratio(fast, direct, |r| r.rps);
+    let p99_fast = ratio(fast, direct, |r| r.p99_ms);
     println!(
-        "\npaired per-round ratios (median): sandgate/null rps {rps_vs_null:.3}, p99 {p99_vs_null:.3}; sandgate/direct rps {rps_vs_direct:.3}; null/direct rps {:.3}",
+        "\npaired per-round ratios (median): sandgate/null rps {rps_vs_null:.3}, p99 {p99_vs_null:.3}; sandgate/direct rps {rps_vs_direct:.3}; null/direct rps {:.3}; fast/direct rps {rps_fast:.3}, p99 {p99_fast:.3}",
         ratio(null, direct, |r| r.rps)
     );
+    println!("\n== Envoy memory per hot route ({} hot hosts pushed by sandgate-extproc)", args.routes);
+    let per_route = envoy_bytes_per_route(&args).await?;
     println!(
-        "RESULT dataplane rps_vs_null={rps_vs_null:.3} p99_vs_null={p99_vs_null:.3} rps_vs_direct={rps_vs_direct:.3} decision_p99_us={p99_us:.2} bytes_per_sandbox={bytes:.0}"
+        "RESULT dataplane rps_vs_null={rps_vs_null:.3} p99_vs_null={p99_vs_null:.3} rps_vs_direct={rps_vs_direct:.3} rps_fast_vs_direct={rps_fast:.3} p99_fast_vs_direct={p99_fast:.3} envoy_bytes_per_route={per_route:.0} decision_p99_us={p99_us:.2} bytes_per_sandbox={bytes:.0}"
     );
     Ok(())
 }
@@ -284,27 +298,6 @@ fn null_reply(dest: String) -> ProcessingResponse {
     }
 }
 
-/// The direct variant: same bootstrap without the ext_proc filter, ORIGINAL_DST from a header.
-fn direct_config(ports: &EnvoyPorts) -> String {
-    let cfg = render(ports);
-    let start = cfg
-        .find("          - name: envoy.filters.http.ext_proc")
-        .expect("ext_proc filter in template");
-    let end = cfg
-        .find("          - name: envoy.filters.http.router")
-        .expect("router filter in template");
-    let mut out = format!("{}{}", &cfg[..start], &cfg[end..]);
-    out = out.replace("use_http_header: false", "use_http_header: true");
-    let mk = out.find("      metadata_key:").expect("metadata_key");
-    let mk_end = out[mk..]
-        .find("path: [{key: x-sandbox-destination}]")
-        .expect("metadata path")
-        + mk;
-    let line_end = out[mk_end..].find('\n').expect("newline") + mk_end + 1;
-    out.replace_range(mk..line_end, "");
-    out
-}
-
 struct Variant {
     name: &'static str,
     config: String,
@@ -343,39 +336,46 @@ async fn envoy_bench(args: &Args) -> anyhow::Result<Vec<Vec<Run>>> {
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     }
     let kubeconfig = api.write_kubeconfig(dir.path())?;
+    // sandgate: the ext_proc path only; fast: the same binary with hot routes held in Envoy.
     let sg_port = free_port();
     let extproc = Extproc::spawn(
         dir.path(),
         &kubeconfig,
         sg_port,
-        &["--domain", "sandbox.localhost"],
+        &["--domain", "sandbox.localhost", "--fast-path=false"],
+    )?;
+    let fast_port = free_port();
+    let fast_admin = free_port();
+    let fast_admin_flag = format!("127.0.0.1:{fast_admin}");
+    let fast = Extproc::spawn(
+        dir.path(),
+        &kubeconfig,
+        fast_port,
+        &["--domain", "sandbox.localhost", "--envoy-admin", &fast_admin_flag],
     )?;
     extproc.wait_ready(Duration::from_secs(30)).await;
+    fast.wait_ready(Duration::from_secs(30)).await;
 
-    let mk = |name, extproc_port: u16, direct: bool| {
+    let mk = |name, extproc_port: u16, admin_port: u16, shape: fn(&str) -> String| {
         let ports = EnvoyPorts {
             listen_addr: "127.0.0.1".into(),
             listen_port: free_port(),
             extproc_port,
-            admin_port: free_port(),
+            admin_port,
             access_log_flush: "30s".into(),
             upstream_headers_timeout: "300s".into(),
         };
-        let config = if direct {
-            direct_config(&ports)
-        } else {
-            render(&ports)
-        };
         Variant {
             name,
-            config,
+            config: shape(&render(&ports)),
             listen_port: ports.listen_port,
         }
     };
     let variants = [
-        mk("direct", 1, true),
-        mk("null", null_port, false),
-        mk("sandgate", sg_port, false),
+        mk("direct", 1, free_port(), direct),
+        mk("null", null_port, free_port(), without_fast_path),
+        mk("sandgate", sg_port, free_port(), without_fast_path),
+        mk("fast", fast_port, fast_admin, str::to_string),
     ];
 
     let script = dir.path().join("spread.lua");
@@ -410,7 +410,17 @@ async fn envoy_bench(args: &Args) -> anyhow::Result<Vec<Vec<Run>>> {
             })
             .await;
             wrk(args, v.listen_port, &script, 2).await?; // warm-up
+            if v.name == "fast" {
+                // Every hot host installed and valid in this Envoy, as it is in steady state.
+                until_hot(&fast, args.hot).await;
+                wrk(args, v.listen_port, &script, 1).await?;
+            }
+            let via_ext_proc = metric(&fast, "sandgate_extproc_requests_total{outcome=\"routed\"}").await;
             let run = wrk(args, v.listen_port, &script, args.seconds).await?;
+            if v.name == "fast" {
+                let through = metric(&fast, "sandgate_extproc_requests_total{outcome=\"routed\"}").await - via_ext_proc;
+                println!("         fast: {through:.0} of {:.0} requests went through ext_proc", run.rps * args.seconds as f64);
+            }
             println!(
                 "round {} {:>8}: {:>8.0} req/s  p50 {:.2} ms  p99 {:.2} ms",
                 round + 1,
@@ -424,7 +434,177 @@ async fn envoy_bench(args: &Args) -> anyhow::Result<Vec<Vec<Run>>> {
         }
     }
     drop(extproc);
+    drop(fast);
     Ok(runs)
+}
+
+/// Envoy's RSS growth per hot route: a fresh Envoy and extproc, one host made hot (the
+/// baseline), then `args.routes` more, each by one request through ext_proc; measured once every
+/// push is acknowledged and RSS has settled.
+async fn envoy_bytes_per_route(args: &Args) -> anyhow::Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let up_port = upstream.local_addr()?.port();
+    tokio::spawn(serve_ok(upstream));
+    let api = ApiDouble::start().await?;
+    for i in 0..=args.routes {
+        let pod = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("pod-{i}"), "namespace": "default",
+                "labels": {"sandgate.dev/sandbox-id": format!("sbx-{i}"), "sandgate.dev/phase": "running", "sandgate.dev/pool": "bench"}},
+            "spec": {"containers": [{"name": "s", "image": "x"}]},
+            "status": {"phase": "Running", "podIP": "127.0.0.1",
+                       "conditions": [{"type": "Ready", "status": "True"}]},
+        });
+        api.store
+            .create("pods", "default", pod)
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    }
+    let kubeconfig = api.write_kubeconfig(dir.path())?;
+    let (port, admin) = (free_port(), free_port());
+    let max = (args.routes * 2).to_string();
+    let admin_flag = format!("127.0.0.1:{admin}");
+    let extproc = Extproc::spawn(
+        dir.path(),
+        &kubeconfig,
+        port,
+        &["--domain", "sandbox.localhost", "--envoy-admin", &admin_flag, "--fast-path-max-routes", &max],
+    )?;
+    extproc.wait_ready(Duration::from_secs(30)).await;
+    let ports = EnvoyPorts {
+        listen_addr: "127.0.0.1".into(),
+        listen_port: free_port(),
+        extproc_port: port,
+        admin_port: admin,
+        access_log_flush: "30s".into(),
+        upstream_headers_timeout: "300s".into(),
+    };
+    let cfg = dir.path().join("memory.yaml");
+    std::fs::write(&cfg, render(&ports))?;
+    let envoy = Command::new(envoy_bin())
+        .arg("-c")
+        .arg(&cfg)
+        .args(["--concurrency", "1", "--disable-hot-restart", "-l", "error"])
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = envoy.id().ok_or_else(|| anyhow::anyhow!("envoy exited"))?;
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], ports.listen_port).into();
+    wait_for_tcp(addr, Duration::from_secs(20)).await?;
+    let host = move |i: usize| format!("{up_port}-sbx-{i}.sandbox.localhost");
+    eventually(Duration::from_secs(10), || async {
+        match get(addr, &host(0), "/", &[]).await {
+            Ok(r) if r.status == 200 => Ok(()),
+            other => Err(format!("not routing: {other:?}")),
+        }
+    })
+    .await;
+    until_hot(&extproc, 1).await;
+    for _ in 0..200 {
+        get(addr, &host(0), "/", &[]).await?;
+    }
+    let admin_addr: std::net::SocketAddr = ([127, 0, 0, 1], admin).into();
+    let heap = || async move {
+        get(admin_addr, "localhost", "/memory", &[])
+            .await
+            .map(|r| r.json())
+            .unwrap_or_default()
+    };
+    let before = settled_rss(pid).await?;
+    let heap_before = heap().await;
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(1));
+    let n = args.routes;
+    let workers: Vec<_> = (0..16)
+        .map(|_| {
+            let next = next.clone();
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i > n {
+                        return anyhow::Ok(());
+                    }
+                    let r = get(addr, &host(i), "/", &[]).await?;
+                    anyhow::ensure!(r.status == 200, "{}: {}", host(i), r.status);
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await??;
+    }
+    until_hot(&extproc, args.routes + 1).await;
+    let after = settled_rss(pid).await?;
+    let heap_after = heap().await;
+    let field = |v: &serde_json::Value, k: &str| {
+        v[k].as_str().and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0)
+    };
+    println!(
+        "envoy heap in use: {:.0} bytes per route (allocator's heap {:.0}, unmapped {:.0})",
+        (field(&heap_after, "allocated") - field(&heap_before, "allocated")) / args.routes as f64,
+        (field(&heap_after, "heap_size") - field(&heap_before, "heap_size")) / args.routes as f64,
+        (field(&heap_after, "pageheap_unmapped") - field(&heap_before, "pageheap_unmapped")) / args.routes as f64,
+    );
+    println!(
+        "envoy RSS {} KB with 1 hot route, {} KB with {}: {:.0} bytes per route",
+        before / 1024,
+        after / 1024,
+        args.routes + 1,
+        (after as f64 - before as f64) / args.routes as f64
+    );
+    Ok((after as f64 - before as f64) / args.routes as f64)
+}
+
+/// Envoy's resident memory once it stops falling (freed pages go back to the system gradually):
+/// the lowest reading over 3 s with no new low in the last second.
+async fn settled_rss(pid: u32) -> anyhow::Result<u64> {
+    let read = || -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no VmRSS"))?;
+        Ok(kb * 1024)
+    };
+    let start = Instant::now();
+    let mut low = read()?;
+    let mut low_at = Instant::now();
+    while start.elapsed() < Duration::from_secs(3) || low_at.elapsed() < Duration::from_secs(1) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = read()?;
+        if now < low {
+            low = now;
+            low_at = Instant::now();
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+    }
+    Ok(low)
+}
+
+/// A metric's value from an extproc's /metrics (0 when absent).
+async fn metric(p: &Extproc, name: &str) -> f64 {
+    let text = p.admin_get("/metrics").await.map(|r| r.body).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Waits until `n` hot hosts are in the table, every push is acknowledged and Envoy holds them
+/// as valid.
+async fn until_hot(p: &Extproc, n: usize) {
+    eventually(Duration::from_secs(60), || async {
+        let routes = metric(p, "sandgate_extproc_fast_path_routes").await;
+        let valid = metric(p, "sandgate_extproc_fast_path_valid_streams").await;
+        let pushes = metric(p, "sandgate_extproc_fast_path_pushes_total").await;
+        let acks = metric(p, "sandgate_extproc_fast_path_ack_duration_seconds_count").await;
+        if routes >= n as f64 && valid >= 1.0 && pushes == acks {
+            Ok(())
+        } else {
+            Err(format!("routes {routes} of {n}, valid {valid}, pushes {pushes}, acks {acks}"))
+        }
+    })
+    .await
 }
 
 fn median(mut rs: Vec<Run>) -> Run {

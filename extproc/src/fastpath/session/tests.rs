@@ -11,8 +11,6 @@ fn template() -> Arc<RouteTemplate> {
         route_config: "rc".into(),
         cluster: "fast".into(),
         header: "x-dst".into(),
-        ext_proc_filter: "ext_proc".into(),
-        per_try_timeout: Duration::from_secs(3),
     })
 }
 
