@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use http::{Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -81,7 +81,17 @@ async fn serve_until(
                     if let Some(ms) = delay {
                         tokio::time::sleep(std::time::Duration::from_millis(ms.min(60_000))).await;
                     }
-                    Ok::<_, Infallible>(respond(&name, local, stop, req))
+                    // `/stream/<ms>` answers at once, then stays silent that long before its one
+                    // event (a quiet SSE stream or long poll).
+                    let silent = req
+                        .uri()
+                        .path()
+                        .strip_prefix("/stream/")
+                        .and_then(|ms| ms.parse::<u64>().ok());
+                    if let Some(ms) = silent {
+                        return Ok::<_, Infallible>(event_after(&name, ms.min(60_000)));
+                    }
+                    Ok::<_, Infallible>(respond(&name, local, stop, req).map(|b| b.boxed()))
                 }
             });
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -92,6 +102,19 @@ async fn serve_until(
             }
         });
     }
+}
+
+/// A `text/event-stream` answer whose one event comes after `ms`.
+fn event_after(name: &Arc<str>, ms: u64) -> Response<BoxBody<Bytes, Infallible>> {
+    let event = Bytes::from(format!("data: {name}\n\n"));
+    let frames = futures::stream::once(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        Ok::<_, Infallible>(hyper::body::Frame::data(event))
+    });
+    Response::builder()
+        .header(http::header::CONTENT_TYPE, "text/event-stream")
+        .body(BodyExt::boxed(StreamBody::new(frames)))
+        .unwrap_or_default()
 }
 
 fn respond(

@@ -135,34 +135,33 @@ impl Stack {
     /// Waits until `host` is routed by Envoy alone: its virtual host is in Envoy's route table
     /// and a request to it reaches a pod without ext_proc routing it.
     pub async fn until_hot(&self, host: &str, within: Duration) {
-        eventually(within, || async {
-            let before = self.routed_by_ext_proc().await;
-            let r = get(self.envoy.addr(), host, "/", &[])
-                .await
-                .map_err(|e| e.to_string())?;
-            if r.status != 200 {
-                return Err(format!("{host}: {} {}", r.status, r.body));
-            }
-            let held = self.envoy.hot_hosts().await;
-            let after = self.routed_by_ext_proc().await;
-            if held.iter().any(|h| h == host) && after == before {
-                Ok(())
-            } else {
-                Err(format!("{host} not hot: envoy holds {held:?}, ext_proc routed {before} then {after}"))
-            }
-        })
-        .await
+        until_hot(&self.extproc, &self.envoy, host, within).await
     }
 }
 
-impl Drop for Stack {
-    /// On a failing test, show the process logs and the API's state: the temp dir goes with us.
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            crate::procs::dump_logs(self.dir.path());
-            self.target.dump();
+/// Waits until `host` is routed by `envoy` alone: its virtual host is in Envoy's route table and a
+/// request to it reaches a pod without `extproc` routing it.
+pub async fn until_hot(extproc: &Extproc, envoy: &Envoy, host: &str, within: Duration) {
+    let routed = || extproc.metric("sandgate_extproc_requests_total{outcome=\"routed\"}");
+    eventually(within, || async {
+        let before = routed().await;
+        let r = get(envoy.addr(), host, "/", &[])
+            .await
+            .map_err(|e| e.to_string())?;
+        if r.status != 200 {
+            return Err(format!("{host}: {} {}", r.status, r.body));
         }
-    }
+        let held = envoy.hot_hosts().await;
+        let after = routed().await;
+        if held.iter().any(|h| h == host) && after == before {
+            Ok(())
+        } else {
+            Err(format!(
+                "{host} not hot: envoy holds {held:?}, ext_proc routed {before} then {after}"
+            ))
+        }
+    })
+    .await
 }
 
 /// How often the test Envoys report open streams (the shipped config says 30 s).

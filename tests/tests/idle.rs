@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
 use sandgate_tests::cluster::Cluster;
-use sandgate_tests::procs::eventually;
+use sandgate_tests::procs::{eventually, get};
+use sandgate_tests::stack::{fast_path, until_hot};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -123,6 +124,35 @@ async fn an_open_websocket_keeps_its_sandbox_until_it_closes() {
     ws.close(None).await.unwrap();
     drop(ws);
     until_phase(&c, "pod-ws", "stopping", RELEASE_WITHIN).await;
+}
+
+#[tokio::test]
+async fn a_long_silent_request_keeps_its_sandbox_until_it_ends() {
+    let mut c = Cluster::start(1).await;
+    c.sandbox("pod-long", "long").await;
+    c.sandbox("pod-other", "other-idle").await;
+    let gw = &c.gateways[0];
+    if fast_path() {
+        // On Envoy's own route: no ext_proc call sees it start.
+        until_hot(&gw.extproc, &gw.envoy, &host("long"), 5 * SEC).await;
+    }
+    let envoy = gw.envoy.addr();
+    let started = Instant::now();
+    // Answered at once, then silent for 10 s: longer than Envoy's per-try timeout allows a
+    // sandbox to wait before answering, so this is a stream, not a slow answer.
+    let long = tokio::spawn(async move { get(envoy, &host("long"), "/stream/10000", &[]).await });
+    c.start_controller("ctrl-a", &[]);
+    until_phase(&c, "pod-other", "stopping", RELEASE_WITHIN).await;
+    // Nothing else reaches the sandbox for over three times its timeout.
+    c.assert_running_until(
+        "pod-long",
+        started + Duration::from_millis(9500),
+        "released during a request",
+    )
+    .await;
+    let r = long.await.unwrap().unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "data: pod-long\n\n"));
+    until_phase(&c, "pod-long", "stopping", RELEASE_WITHIN).await;
 }
 
 #[tokio::test]
