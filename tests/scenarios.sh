@@ -13,12 +13,19 @@
 #
 # Scenarios named *_on_double stage races through the double's hooks and run only on a double;
 # those named *_on_real_api need a real API server's admission (quota) or authorizer.
-# SANDGATE_SCENARIOS="lifecycle pools" runs only those test files.
+# SANDGATE_SCENARIOS="lifecycle pools" runs only those test files. The gateways run with the fast
+# path (hot routes held in Envoy); the data-plane and idle files then run again with it off
+# (SANDGATE_TEST_FAST_PATH=off), so both paths are tested.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CARGO=${CARGO:-cargo}
 mode=${1:-realapi}
-read -ra tests <<<"${SANDGATE_SCENARIOS:-kubelet dataplane upstream control_api idle pools lifecycle e2b rbac}"
+read -ra tests <<<"${SANDGATE_SCENARIOS:-kubelet dataplane upstream fastpath control_api idle pools lifecycle e2b rbac}"
+# The files run a second time with the fast path off.
+both_paths=()
+for t in "${tests[@]}"; do
+	case "$t" in dataplane | upstream | idle) both_paths+=("$t") ;; esac
+done
 dir=$(mktemp -d)
 pids=()
 cleanup() {
@@ -28,14 +35,20 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Runs the scenarios, skipping those whose names contain any of "$@"; prints cargo's output and
-# leaves the counts in $dir/counts ("<passed> <failed>").
+# Runs the scenarios, skipping those whose names contain any of "$@", then the data-plane and
+# idle files again with the fast path off; prints cargo's output and leaves the counts in
+# $dir/counts ("<passed> <failed>").
 run() {
 	local skip=()
 	for s in "$@"; do skip+=(--skip "$s"); done
 	local status=0
 	for t in "${tests[@]}"; do
 		$CARGO test -q -p sandgate-tests --no-fail-fast --test "$t" -- "${skip[@]}" 2>&1 |
+			tee -a "$dir/scenarios.log" || status=1
+	done
+	for t in "${both_paths[@]}"; do
+		echo "== $t with the fast path off"
+		SANDGATE_TEST_FAST_PATH=off $CARGO test -q -p sandgate-tests --no-fail-fast --test "$t" -- "${skip[@]}" 2>&1 |
 			tee -a "$dir/scenarios.log" || status=1
 	done
 	awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }

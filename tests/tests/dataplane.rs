@@ -376,6 +376,12 @@ async fn bad_flags_fail_with_a_message_naming_the_flag() {
         (vec!["--negative-ttl", "soon"], "--negative-ttl"),
         (vec!["--default-port", "0"], "--default-port"),
         (vec!["--grpc-addr", "nowhere"], "--grpc-addr"),
+        (vec!["--fast-path", "maybe"], "--fast-path"),
+        (vec!["--fast-path-ttl", "100ms"], "--fast-path-ttl"),
+        (vec!["--fast-path-batch", "600ms"], "--fast-path-batch"),
+        (vec!["--fast-path-max-routes", "0"], "--fast-path-max-routes"),
+        (vec!["--fast-path-header", "X Bad"], "--fast-path-header"),
+        (vec!["--fast-path-cluster", "a/b"], "--fast-path-cluster"),
         (
             vec!["--control-token-file", "/nonexistent/token"],
             "--control-token-file",

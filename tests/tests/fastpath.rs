@@ -311,3 +311,54 @@ async fn the_hot_table_stays_within_its_bound() {
             >= 2.0
     );
 }
+
+/// An answer to `host` that Envoy gave on its own hot route (ext_proc not asked).
+async fn hot_answer(s: &Stack, host: &str) -> Reply {
+    eventually(5 * SEC, || async {
+        let before = s.routed_by_ext_proc().await;
+        let r = s.get(host, "/", &[]).await;
+        let held = s.envoy.hot_hosts().await.iter().any(|h| h == host);
+        if held && s.routed_by_ext_proc().await == before {
+            Ok(r)
+        } else {
+            Err(format!("{host} not answered on a hot route yet"))
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn failures_on_a_hot_route_answer_in_json_naming_the_sandbox() {
+    let s = Stack::start_with(ON).await;
+    let pod = s.sandbox("pod-up", "sbx-up", 8080).await;
+    let reset = tokio::net::TcpListener::bind((pod_ip(&pod), 7001))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        while let Ok((c, _)) = reset.accept().await {
+            let _ = c.set_zero_linger();
+            drop(c);
+        }
+    });
+    for (host, message) in [
+        (
+            "9999-sbx-up.sandbox.localhost",
+            "The sandbox sbx-up is running but the port 9999-sbx-up.sandbox.localhost names is not open",
+        ),
+        (
+            "7001-sbx-up.sandbox.localhost",
+            "The sandbox sbx-up closed or reset the connection before answering",
+        ),
+    ] {
+        let r = hot_answer(&s, host).await;
+        assert_eq!(r.status, 502, "{}", r.body);
+        assert_eq!(r.headers["content-type"], "application/json");
+        let body = r.json();
+        assert_eq!(
+            (body["code"].as_i64(), body["message"].as_str(), body["sandbox_id"].as_str()),
+            (Some(502), Some(message), Some("sbx-up")),
+            "{}",
+            r.body
+        );
+    }
+}

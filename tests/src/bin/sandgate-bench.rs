@@ -174,15 +174,41 @@ async fn decision_bench(n: usize, iters: usize) -> (f64, f64) {
     let metrics = sandgate_extproc::metrics::Metrics::new(&mut reg);
     let index = Arc::new(filled_index(n));
     let resolver = Arc::new(Resolver::new(
-        index,
+        index.clone(),
         Arc::new(NoApi),
         Duration::from_secs(1),
         Duration::from_secs(1),
         metrics.clone(),
     ));
     let activity = Arc::new(sandgate_extproc::activity::ActivityTable::new());
+    let addresses = sandgate_shared::AddressConfig::new(["sandbox.example.com"]).expect("domain");
+    let (_running, shutdown) = sandgate_extproc::shutdown::channel();
+    // The fast path as it runs: each routed host is offered, made hot by the sync task, and
+    // later offers of it cost one lock-free lookup.
+    let fast = sandgate_extproc::fastpath::FastPath::new(
+        sandgate_extproc::fastpath::FastPathConfig {
+            enabled: true,
+            template: sandgate_extproc::fastpath::RouteTemplate {
+                route_config: "sandboxes".into(),
+                cluster: "sandbox_pods_fast".into(),
+                header: "x-sandgate-destination".into(),
+            },
+            max_routes: 10_000,
+            ttl: Duration::from_secs(1),
+            batch: Duration::from_millis(50),
+            activity_interval: Duration::from_secs(3600),
+            envoy_admin: ([127, 0, 0, 1], 1).into(),
+        },
+        addresses.clone(),
+        None,
+        index,
+        activity.clone(),
+        sandgate_extproc::metrics::FastPathMetrics::new(&mut reg),
+        shutdown,
+    );
+    fast.spawn();
     let router = Router {
-        addresses: sandgate_shared::AddressConfig::new(["sandbox.example.com"]).expect("domain"),
+        addresses,
         resolver,
         default_port: None,
         metrics,
@@ -192,7 +218,7 @@ async fn decision_bench(n: usize, iters: usize) -> (f64, f64) {
         )),
         activity,
         max_streams_per_sandbox: 1000,
-        fast: None,
+        fast: Some(fast),
     };
     // Prebuilt requests, as Envoy would send them.
     let requests: Vec<HttpHeaders> = (0..4096)
