@@ -119,7 +119,11 @@ impl AccessLogs {
 fn sandbox_of(entry: &HttpAccessLogEntry) -> Option<SandboxKey> {
     let common = entry.common_properties.as_ref()?;
     let from_metadata = || {
-        let lb = common.metadata.as_ref()?.filter_metadata.get(METADATA_NAMESPACE)?;
+        let lb = common
+            .metadata
+            .as_ref()?
+            .filter_metadata
+            .get(METADATA_NAMESPACE)?;
         match &lb.fields.get(METADATA_SANDBOX_ID)?.kind {
             Some(Kind::StringValue(id)) => SandboxKey::new(id),
             _ => None,

@@ -113,15 +113,27 @@ pub struct Config {
 
     /// The ORIGINAL_DST cluster hot routes send to (it reads `--fast-path-header`); only hot
     /// routes may reach it. Must match the Envoy config.
-    #[arg(long, env = "SANDGATE_FAST_PATH_CLUSTER", default_value = "sandbox_pods_fast")]
+    #[arg(
+        long,
+        env = "SANDGATE_FAST_PATH_CLUSTER",
+        default_value = "sandbox_pods_fast"
+    )]
     pub fast_path_cluster: String,
 
     /// The header that cluster takes the destination from; every hot route overwrites it.
-    #[arg(long, env = "SANDGATE_FAST_PATH_HEADER", default_value = "x-sandgate-destination")]
+    #[arg(
+        long,
+        env = "SANDGATE_FAST_PATH_HEADER",
+        default_value = "x-sandgate-destination"
+    )]
     pub fast_path_header: String,
 
     /// The route configuration (in the Envoy config) whose VHDS hot hosts join.
-    #[arg(long, env = "SANDGATE_FAST_PATH_ROUTE_CONFIG", default_value = "sandboxes")]
+    #[arg(
+        long,
+        env = "SANDGATE_FAST_PATH_ROUTE_CONFIG",
+        default_value = "sandboxes"
+    )]
     pub fast_path_route_config: String,
 
     /// Log format: text or json.

@@ -125,7 +125,11 @@ fn parse_cx_active(stats: &str) -> u64 {
 }
 
 /// One request to Envoy's admin API.
-pub(crate) async fn admin(envoy: SocketAddr, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
+pub(crate) async fn admin(
+    envoy: SocketAddr,
+    method: &str,
+    path: &str,
+) -> anyhow::Result<(u16, String)> {
     let call = async {
         let stream = tokio::net::TcpStream::connect(envoy).await?;
         let (mut sender, conn) =

@@ -198,7 +198,11 @@ impl FastPathMetrics {
             reg.register(name, help, c.clone());
             c
         };
-        let routes = gauge(reg, "routes", "Hot sandbox hosts in the table Envoy is sent");
+        let routes = gauge(
+            reg,
+            "routes",
+            "Hot sandbox hosts in the table Envoy is sent",
+        );
         let streams = gauge(reg, "streams", "Envoy ADS streams connected");
         let valid_streams = gauge(
             reg,

@@ -164,8 +164,15 @@ impl Envoy {
         let dump = r.json();
         let mut hosts = Vec::new();
         for c in dump["configs"].as_array().into_iter().flatten() {
-            for vh in c["route_config"]["virtual_hosts"].as_array().into_iter().flatten() {
-                if let Some(h) = vh["name"].as_str().and_then(|n| n.strip_prefix("sandboxes/")) {
+            for vh in c["route_config"]["virtual_hosts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                if let Some(h) = vh["name"]
+                    .as_str()
+                    .and_then(|n| n.strip_prefix("sandboxes/"))
+                {
                     hosts.push(h.to_string());
                 }
             }
@@ -204,8 +211,8 @@ pub fn validate(config: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The same config without the fast path: no ADS stream, no VHDS, no validity flag, no fallback
-/// filter, no fast cluster. Envoy with only the ext_proc path (the benchmark's null and ext_proc
+/// The same config without the fast path: no ADS stream, no VHDS, no validity flag, no fast
+/// cluster, ext_proc on for every route. Envoy with only the ext_proc path (the benchmark's null and ext_proc
 /// variants).
 pub fn without_fast_path(yaml: &str) -> String {
     let mut cfg: serde_json::Value = serde_yaml::from_str(yaml).expect("envoy yaml");
@@ -222,7 +229,6 @@ pub fn without_fast_path(yaml: &str) -> String {
             .remove("typed_per_filter_config");
     }
     let filters = hcm["http_filters"].as_array_mut().expect("http_filters");
-    filters.retain(|f| f["name"] != "sandgate.fast_path_fallback");
     for f in filters {
         f.as_object_mut().expect("filter").remove("disabled");
     }
@@ -244,6 +250,7 @@ pub fn direct(yaml: &str) -> String {
         .as_array_mut()
         .expect("http_filters")
         .retain(|f| f["name"] != "envoy.filters.http.ext_proc");
+    hcm["upgrade_configs"] = serde_json::json!([{"upgrade_type": "websocket"}]);
     for c in cfg["static_resources"]["clusters"]
         .as_array_mut()
         .expect("clusters")

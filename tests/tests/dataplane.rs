@@ -265,7 +265,11 @@ async fn extproc_down_means_503_never_a_fall_through() {
     s.extproc.kill().await;
     // A hot route keeps reaching its own pod for at most the validity TTL (1 s) after sandgate
     // is gone; then, as on the ext_proc path at once, every request is a 503.
-    let grace = if fast_path() { 1500 * MS } else { Duration::ZERO };
+    let grace = if fast_path() {
+        1500 * MS
+    } else {
+        Duration::ZERO
+    };
     eventually(grace + SEC, || async {
         let r = s.get(host, "/", &spoof).await;
         match (r.status, r.pod()) {
@@ -273,7 +277,11 @@ async fn extproc_down_means_503_never_a_fall_through() {
             (200, Some(pod)) if pod == "pod-x" && killed.elapsed() < grace => {
                 Err("still routed by envoy".to_string())
             }
-            (status, pod) => panic!("{:?} after the kill: {status} from {pod:?}: {}", killed.elapsed(), r.body),
+            (status, pod) => panic!(
+                "{:?} after the kill: {status} from {pod:?}: {}",
+                killed.elapsed(),
+                r.body
+            ),
         }
     })
     .await;
@@ -379,7 +387,10 @@ async fn bad_flags_fail_with_a_message_naming_the_flag() {
         (vec!["--fast-path", "maybe"], "--fast-path"),
         (vec!["--fast-path-ttl", "100ms"], "--fast-path-ttl"),
         (vec!["--fast-path-batch", "600ms"], "--fast-path-batch"),
-        (vec!["--fast-path-max-routes", "0"], "--fast-path-max-routes"),
+        (
+            vec!["--fast-path-max-routes", "0"],
+            "--fast-path-max-routes",
+        ),
         (vec!["--fast-path-header", "X Bad"], "--fast-path-header"),
         (vec!["--fast-path-cluster", "a/b"], "--fast-path-cluster"),
         (

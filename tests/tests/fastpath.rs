@@ -63,7 +63,11 @@ async fn a_hot_host_is_routed_by_envoy_alone_to_its_own_pod() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let trap = listener.local_addr().unwrap().to_string();
     let hits = Arc::new(AtomicUsize::new(0));
-    tokio::spawn(sandgate_tests::echo::serve(listener, "trap".into(), hits.clone()));
+    tokio::spawn(sandgate_tests::echo::serve(
+        listener,
+        "trap".into(),
+        hits.clone(),
+    ));
 
     let routed = s.routed_by_ext_proc().await;
     let spoof = [
@@ -84,12 +88,18 @@ async fn a_hot_host_is_routed_by_envoy_alone_to_its_own_pod() {
     }
     assert_eq!(s.routed_by_ext_proc().await, routed, "ext_proc was asked");
     // The host with a port and in capitals is the same sandbox; the default-port form too.
-    let r = s.get("8080-SBX-A.sandbox.localhost:10000", "/", &spoof).await;
+    let r = s
+        .get("8080-SBX-A.sandbox.localhost:10000", "/", &spoof)
+        .await;
     assert_eq!(served_by(&r), (200, Some("pod-a".into())), "{}", r.body);
     s.until_hot("sbx-c.sandbox.localhost", 5 * SEC).await;
     let r = s.get("sbx-c.sandbox.localhost", "/", &spoof).await;
     assert_eq!(served_by(&r), (200, Some("pod-c".into())), "{}", r.body);
-    assert_eq!(hits.load(Ordering::SeqCst), 0, "a client chose the destination");
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        0,
+        "a client chose the destination"
+    );
     // Not hot: still ext_proc, still the right pod.
     let r = s.get(&host("sbx-b"), "/", &spoof).await;
     assert_eq!(served_by(&r), (200, Some("pod-b".into())), "{}", r.body);
@@ -146,7 +156,10 @@ async fn stopped_extproc_never_routes_to_a_reused_address(signal: &str) {
     // The flag is confirmed every quarter of its 1 s TTL: without sandgate it lapses within 1 s.
     eventually(2 * SEC, || async {
         if s.envoy.hot_routes_valid().await {
-            Err(format!("still valid {:?} after the stop", stopped.elapsed()))
+            Err(format!(
+                "still valid {:?} after the stop",
+                stopped.elapsed()
+            ))
         } else {
             Ok(())
         }
@@ -158,7 +171,8 @@ async fn stopped_extproc_never_routes_to_a_reused_address(signal: &str) {
     let tries = Arc::new(AtomicUsize::new(0));
     let load: Vec<_> = (0..8)
         .map(|_| {
-            let (h, envoy, tries, spoof) = (h.clone(), s.envoy_addr(), tries.clone(), spoof.clone());
+            let (h, envoy, tries, spoof) =
+                (h.clone(), s.envoy_addr(), tries.clone(), spoof.clone());
             tokio::spawn(async move {
                 let end = Instant::now() + 3 * SEC;
                 while Instant::now() < end {
@@ -217,25 +231,33 @@ async fn a_restarted_extproc_withdraws_what_envoy_held_from_before() {
 }
 
 #[tokio::test]
-async fn without_the_validity_flag_hot_hosts_go_through_ext_proc_again() {
+async fn without_the_validity_flag_hot_hosts_answer_503_until_it_returns() {
     let s = Stack::start_with(ON).await;
     s.sandbox("pod-a", "sbx-a", 8080).await;
     let a = host("sbx-a");
     s.until_hot(&a, 5 * SEC).await;
-    // An operator's switch: an admin override of the flag (what its TTL does when sandgate goes).
+    // What the flag's TTL does when sandgate goes: here an admin override takes it away.
     let r = s
         .envoy
         .admin("POST", "/runtime_modify?sandgate.fast_path.valid=0")
         .await
         .unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
-    let before = s.routed_by_ext_proc().await;
-    for _ in 0..3 {
-        let r = s.get(&a, "/", &[]).await;
-        assert_eq!(served_by(&r), (200, Some("pod-a".into())), "{}", r.body);
-    }
-    assert_eq!(s.routed_by_ext_proc().await, before + 3.0);
-    assert!(s.envoy.hot_hosts().await.contains(&a), "the route is still held");
+    let r = s.get(&a, "/", &[]).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.headers["retry-after"], "1");
+    assert_eq!(r.headers["content-type"], "application/json");
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("8080-sbx-a.sandbox.localhost")),
+        "{}",
+        r.body
+    );
+    // Hosts that are not hot still route through ext_proc.
+    s.sandbox("pod-b", "sbx-b", 8080).await;
+    let r = s.get(&host("sbx-b"), "/", &[]).await;
+    assert_eq!(served_by(&r), (200, Some("pod-b".into())), "{}", r.body);
     let r = s
         .envoy
         .admin("POST", "/runtime_modify?sandgate.fast_path.valid")
@@ -274,7 +296,11 @@ async fn websocket_upgrades_on_a_hot_host_are_counted_and_capped_by_ext_proc() {
     let before = s.routed_by_ext_proc().await;
     let first = open(1).await.expect("first websocket");
     let second = open(2).await.expect("second websocket");
-    assert_eq!(s.routed_by_ext_proc().await, before + 2.0, "upgrades skipped ext_proc");
+    assert_eq!(
+        s.routed_by_ext_proc().await,
+        before + 2.0,
+        "upgrades skipped ext_proc"
+    );
     assert_eq!(open(3).await.err(), Some(429));
     drop((first, second));
 }
@@ -283,7 +309,8 @@ async fn websocket_upgrades_on_a_hot_host_are_counted_and_capped_by_ext_proc() {
 async fn the_hot_table_stays_within_its_bound() {
     let s = Stack::start_with(&["--fast-path=true", "--fast-path-max-routes", "2"]).await;
     for i in 0..4 {
-        s.sandbox(&format!("pod-{i}"), &format!("sbx-{i}"), 8080).await;
+        s.sandbox(&format!("pod-{i}"), &format!("sbx-{i}"), 8080)
+            .await;
     }
     for i in 0..4 {
         let r = s.get(&host(&format!("sbx-{i}")), "/", &[]).await;

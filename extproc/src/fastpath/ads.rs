@@ -86,7 +86,8 @@ async fn serve(
     tracing::info!(stream = id, ?peer, "envoy connected for hot routes");
     let mut session = Session::new(fast.template.clone(), fast.config.ttl, fast.config.enabled);
     let mut changes = fast.changes.subscribe();
-    let mut tick = tokio::time::interval((fast.config.ttl / 8).max(std::time::Duration::from_millis(10)));
+    let mut tick =
+        tokio::time::interval((fast.config.ttl / 8).max(std::time::Duration::from_millis(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut push_at: Option<Instant> = None;
     let mut valid = false;
@@ -160,10 +161,17 @@ async fn serve(
             valid = session.is_valid();
             if valid {
                 m.valid_streams.inc();
-                tracing::info!(stream = id, routes = session.held(), "hot routes valid in envoy");
+                tracing::info!(
+                    stream = id,
+                    routes = session.held(),
+                    "hot routes valid in envoy"
+                );
             } else {
                 m.valid_streams.dec();
-                tracing::warn!(stream = id, "hot routes withdrawn: envoy has not confirmed the last push in time");
+                tracing::warn!(
+                    stream = id,
+                    "hot routes withdrawn: envoy has not confirmed the last push in time"
+                );
             }
         }
     };

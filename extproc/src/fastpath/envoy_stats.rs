@@ -196,7 +196,11 @@ sandbox_pods::10.0.0.9:80::rq_total::99
         .into();
         assert_eq!(
             sorted(used(Some(&first), &second)),
-            [addr("10.0.0.1:80"), addr("10.0.0.2:80"), addr("10.0.0.4:80")]
+            [
+                addr("10.0.0.1:80"),
+                addr("10.0.0.2:80"),
+                addr("10.0.0.4:80")
+            ]
         );
     }
 }

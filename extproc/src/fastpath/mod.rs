@@ -204,7 +204,11 @@ impl FastPath {
         }
         let route = self.index.get(&addr.id)?;
         match decide(addr, Resolved::Found(route), self.default_port) {
-            Decision::Route { id, dest, rewritten_path: None } => Some(HotRoute {
+            Decision::Route {
+                id,
+                dest,
+                rewritten_path: None,
+            } => Some(HotRoute {
                 sandbox: SandboxKey::new(&id)?,
                 dest,
             }),
@@ -239,11 +243,8 @@ impl FastPath {
                 self.apply(&mut table, &host, route);
             }
         }
-        let evict = table.over_capacity(|k| {
-            self.activity
-                .last_active_ms(k.as_str())
-                .unwrap_or(i64::MIN)
-        });
+        let evict =
+            table.over_capacity(|k| self.activity.last_active_ms(k.as_str()).unwrap_or(i64::MIN));
         for host in &evict {
             self.apply(&mut table, host, None);
         }

@@ -6,20 +6,23 @@
 //!   (about 1.2 KB each in Envoy): the ext_proc filter is off by default and only the catch-all
 //!   virtual host turns it on. Its name is the sandbox ID, which the access logs read back.
 //! - One `Runtime` layer (RTDS) holding the validity flag, sent with a TTL and refreshed while
-//!   Envoy's copy of the table is known to be current. When sandgate stops refreshing it (dead,
-//!   hung, disconnected, or a push not acknowledged in time), Envoy drops the layer at the TTL and
-//!   its fallback filter sends every request on a hot host through ext_proc again.
+//!   Envoy's copy of the table is known to be current. Every hot route matches only while the flag
+//!   is there: when sandgate stops refreshing it (dead, hung, disconnected, or a push not
+//!   acknowledged in time), Envoy drops the layer at the TTL and a hot host answers 503 with
+//!   `retry-after` until sandgate confirms its table again.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::{
     header_value_option::HeaderAppendAction, HeaderValue, HeaderValueOption,
+    RuntimeFractionalPercent,
 };
 use envoy_types::pb::envoy::config::route::v3::{
     route::Action, route_action::ClusterSpecifier, route_match::PathSpecifier, Route, RouteAction,
     RouteMatch, VirtualHost,
 };
+use envoy_types::pb::envoy::r#type::v3::FractionalPercent;
 use envoy_types::pb::envoy::service::discovery::v3::Resource;
 use envoy_types::pb::envoy::service::runtime::v3::Runtime;
 use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
@@ -31,7 +34,8 @@ pub const VIRTUAL_HOST_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.V
 pub const RUNTIME_TYPE: &str = "type.googleapis.com/envoy.service.runtime.v3.Runtime";
 /// The RTDS layer (`layered_runtime` in the bootstrap names it).
 pub const RUNTIME_LAYER: &str = "sandgate-fast-path";
-/// The runtime key the fallback filter's matcher reads: 100 while the hot routes are valid.
+/// The runtime key every hot route's match reads: 100 while the hot routes are valid, absent (so
+/// 0: no hot route matches) otherwise.
 pub const VALID_KEY: &str = "sandgate.fast_path.valid";
 
 /// What every hot route shares; must agree with the bootstrap (`envoy/bootstrap.yaml.in`).
@@ -81,6 +85,11 @@ impl RouteTemplate {
             name: route.sandbox.as_str().to_string(),
             r#match: Some(RouteMatch {
                 path_specifier: Some(PathSpecifier::Prefix("/".into())),
+                // Matches only while sandgate's validity flag is in Envoy's runtime.
+                runtime_fraction: Some(RuntimeFractionalPercent {
+                    default_value: Some(FractionalPercent::default()),
+                    runtime_key: VALID_KEY.into(),
+                }),
                 ..Default::default()
             }),
             action: Some(Action::Route(RouteAction {
@@ -180,7 +189,10 @@ mod tests {
             HeaderAppendAction::OverwriteIfExistsOrAdd as i32
         );
         let h = add.header.as_ref().unwrap();
-        assert_eq!((h.key.as_str(), h.value.as_str()), ("x-sandgate-destination", "10.1.2.3:8080"));
+        assert_eq!(
+            (h.key.as_str(), h.value.as_str()),
+            ("x-sandgate-destination", "10.1.2.3:8080")
+        );
         let Some(Action::Route(action)) = &route.action else {
             panic!("not a route action")
         };
@@ -192,6 +204,19 @@ mod tests {
         // and only the catch-all virtual host turns it on.
         assert!(route.typed_per_filter_config.is_empty());
         assert!(action.retry_policy.is_none());
+        let gate = route
+            .r#match
+            .as_ref()
+            .unwrap()
+            .runtime_fraction
+            .as_ref()
+            .unwrap();
+        assert_eq!(gate.runtime_key, VALID_KEY);
+        assert_eq!(
+            gate.default_value.unwrap().numerator,
+            0,
+            "off without the flag"
+        );
         assert_eq!(t.host_of(&r.name), Some("8080-sbx-a.sandbox.example.com"));
         assert_eq!(t.host_of("other/x.example.com"), None);
     }

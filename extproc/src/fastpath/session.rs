@@ -14,7 +14,9 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+};
 
 use super::resources::{self, RouteTemplate, RUNTIME_LAYER, RUNTIME_TYPE, VIRTUAL_HOST_TYPE};
 use super::table::{Changes, HotTable};
@@ -121,7 +123,10 @@ impl Session {
             VIRTUAL_HOST_TYPE => self.on_vhds(req, now).map(|acked| (Vec::new(), acked)),
             RUNTIME_TYPE => self.on_rtds(req, now).map(|out| (out, None)),
             other => {
-                tracing::warn!(type_url = other, "ADS request for a type sandgate does not serve; ignored");
+                tracing::warn!(
+                    type_url = other,
+                    "ADS request for a type sandgate does not serve; ignored"
+                );
                 Ok((Vec::new(), None))
             }
         }
@@ -140,10 +145,7 @@ impl Session {
             }
             return Ok(None);
         }
-        let Some(flight) = self
-            .in_flight
-            .take_if(|f| f.nonce == req.response_nonce)
-        else {
+        let Some(flight) = self.in_flight.take_if(|f| f.nonce == req.response_nonce) else {
             return Ok(None); // an answer to an older push, already superseded
         };
         if let Some(err) = req.error_detail {
@@ -180,7 +182,11 @@ impl Session {
     }
 
     /// The next VHDS push, if one is due and none is in flight.
-    pub fn push(&mut self, table: &HotTable, now: Instant) -> Option<(DeltaDiscoveryResponse, PushStats)> {
+    pub fn push(
+        &mut self,
+        table: &HotTable,
+        now: Instant,
+    ) -> Option<(DeltaDiscoveryResponse, PushStats)> {
         if !self.vhds_subscribed || self.in_flight.is_some() {
             return None;
         }

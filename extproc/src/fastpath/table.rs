@@ -224,7 +224,10 @@ mod tests {
     fn the_log_is_bounded_even_behind_a_stuck_stream() {
         let mut t = HotTable::new(1);
         for i in 0..5000 {
-            t.set("h.d", route("h", &format!("10.0.{}.{}:1", i / 250, i % 250)));
+            t.set(
+                "h.d",
+                route("h", &format!("10.0.{}.{}:1", i / 250, i % 250)),
+            );
         }
         t.trim(0);
         assert!(t.log.len() <= 1024);

@@ -74,7 +74,8 @@ impl Fixture {
 #[test]
 fn an_offered_host_gets_its_destination_from_the_index() {
     let f = fixture(true, 100);
-    f.index.apply(key("sbx-a"), running("10.0.0.1", Some(3000), 1));
+    f.index
+        .apply(key("sbx-a"), running("10.0.0.1", Some(3000), 1));
     f.offer("8080-sbx-a.sandbox.localhost:10000", "sbx-a");
     f.offer("SBX-A.Sandbox.Localhost", "sbx-a");
     // Not in the index (any more): not made hot.
@@ -98,10 +99,13 @@ fn only_hosts_are_made_hot() {
     let f = fixture(true, 100);
     f.index.apply(key("sbx-a"), running("10.0.0.1", None, 1));
     for form in [AddressForm::Header, AddressForm::Path] {
-        f.fast
-            .offer(b"8080-sbx-a.sandbox.localhost", form, "sbx-a");
+        f.fast.offer(b"8080-sbx-a.sandbox.localhost", form, "sbx-a");
     }
-    f.fast.offer(b"8080-sbx-a.sandbox.localhost.", AddressForm::HostWithPort, "sbx-a");
+    f.fast.offer(
+        b"8080-sbx-a.sandbox.localhost.",
+        AddressForm::HostWithPort,
+        "sbx-a",
+    );
     f.fast.offer(b"gateway.example", AddressForm::Host, "sbx-a");
     f.fast.sync_once();
     assert!(f.fast.is_empty());
@@ -110,7 +114,8 @@ fn only_hosts_are_made_hot() {
 #[test]
 fn every_index_change_to_a_hot_sandbox_reaches_its_hosts() {
     let f = fixture(true, 100);
-    f.index.apply(key("sbx-a"), running("10.0.0.1", Some(3000), 1));
+    f.index
+        .apply(key("sbx-a"), running("10.0.0.1", Some(3000), 1));
     f.index.apply(key("sbx-b"), running("10.0.0.2", None, 2));
     f.index.apply(key("sbx-c"), running("10.0.0.3", None, 3));
     f.offer("8080-sbx-a.sandbox.localhost", "sbx-a");
@@ -121,7 +126,8 @@ fn every_index_change_to_a_hot_sandbox_reaches_its_hosts() {
     assert_eq!(f.fast.len(), 4);
 
     // A new IP and a new default port.
-    f.index.apply(key("sbx-a"), running("10.0.0.9", Some(4000), 1));
+    f.index
+        .apply(key("sbx-a"), running("10.0.0.9", Some(4000), 1));
     // Released (not routable), and deleted.
     let mut released = running("10.0.0.2", None, 2);
     released.state = RouteState::Gone;

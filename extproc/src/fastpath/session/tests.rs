@@ -60,7 +60,8 @@ fn names(r: &DeltaDiscoveryResponse) -> (Vec<&str>, Vec<&str>) {
 fn synced(table: &HotTable, now: Instant) -> Session {
     let mut s = Session::new(template(), TTL, true);
     s.on_request(subscribe(RUNTIME_TYPE, &[]), now).unwrap();
-    s.on_request(subscribe(VIRTUAL_HOST_TYPE, &[]), now).unwrap();
+    s.on_request(subscribe(VIRTUAL_HOST_TYPE, &[]), now)
+        .unwrap();
     let (first, _) = s.push(table, now).unwrap();
     s.on_request(ack(VIRTUAL_HOST_TYPE, &first.nonce), now)
         .unwrap();
@@ -76,13 +77,20 @@ fn the_first_push_answers_even_an_empty_table_and_then_routes_turn_valid() {
     let (out, _) = s.on_request(subscribe(RUNTIME_TYPE, &[]), now).unwrap();
     assert_eq!(names(&out[0]), (vec![], vec![RUNTIME_LAYER]));
     assert!(s.validity(now, false).is_none());
-    s.on_request(subscribe(VIRTUAL_HOST_TYPE, &[]), now).unwrap();
+    s.on_request(subscribe(VIRTUAL_HOST_TYPE, &[]), now)
+        .unwrap();
     let (first, stats) = s.push(&table, now).unwrap();
     assert_eq!(first.type_url, VIRTUAL_HOST_TYPE);
     assert_eq!(stats, PushStats::default());
-    assert!(s.validity(now, false).is_none(), "not before Envoy acknowledged");
+    assert!(
+        s.validity(now, false).is_none(),
+        "not before Envoy acknowledged"
+    );
     let (_, took) = s
-        .on_request(ack(VIRTUAL_HOST_TYPE, &first.nonce), now + Duration::from_millis(3))
+        .on_request(
+            ack(VIRTUAL_HOST_TYPE, &first.nonce),
+            now + Duration::from_millis(3),
+        )
         .unwrap();
     assert_eq!(took, Some(Duration::from_millis(3)));
     let on = s.validity(now, false).unwrap();
@@ -100,12 +108,13 @@ fn a_reconnecting_envoy_keeps_what_is_current_and_loses_the_rest() {
     hot(&mut table, "c.d", "c", "10.0.0.3:80");
     let mut s = Session::new(template(), TTL, true);
     let held = [
-        ("rc/a.d", "10.0.0.1:80"), // current: kept, not resent
-        ("rc/b.d", "10.0.0.9:80"), // moved: resent with its new destination
+        ("rc/a.d", "10.0.0.1:80"),    // current: kept, not resent
+        ("rc/b.d", "10.0.0.9:80"),    // moved: resent with its new destination
         ("rc/gone.d", "10.0.0.4:80"), // released while we were apart
-        ("other/x.d", "1"),        // not ours
+        ("other/x.d", "1"),           // not ours
     ];
-    s.on_request(subscribe(VIRTUAL_HOST_TYPE, &held), now).unwrap();
+    s.on_request(subscribe(VIRTUAL_HOST_TYPE, &held), now)
+        .unwrap();
     let (first, stats) = s.push(&table, now).unwrap();
     assert_eq!(
         names(&first),
@@ -131,11 +140,13 @@ fn later_pushes_carry_only_changes_one_at_a_time() {
     s.on_request(ack(VIRTUAL_HOST_TYPE, "stale-nonce"), now)
         .unwrap();
     assert!(s.push(&table, now).is_none(), "a stale ack is no ack");
-    s.on_request(ack(VIRTUAL_HOST_TYPE, &p1.nonce), now).unwrap();
+    s.on_request(ack(VIRTUAL_HOST_TYPE, &p1.nonce), now)
+        .unwrap();
     let (p2, _) = s.push(&table, now).unwrap();
     assert_eq!(names(&p2), (vec![], vec!["rc/a.d"]));
     // A host added and removed between pushes costs nothing.
-    s.on_request(ack(VIRTUAL_HOST_TYPE, &p2.nonce), now).unwrap();
+    s.on_request(ack(VIRTUAL_HOST_TYPE, &p2.nonce), now)
+        .unwrap();
     hot(&mut table, "c.d", "c", "10.0.0.3:80");
     table.set("c.d", None);
     assert!(s.push(&table, now).is_none());
@@ -147,7 +158,12 @@ fn a_stream_far_behind_is_compared_in_full() {
     let mut table = HotTable::new(1);
     let mut s = synced(&table, now);
     for i in 0..3000 {
-        hot(&mut table, "h.d", "h", &format!("10.0.{}.{}:80", i / 200, i % 200));
+        hot(
+            &mut table,
+            "h.d",
+            "h",
+            &format!("10.0.{}.{}:80", i / 200, i % 200),
+        );
     }
     table.trim(0);
     let (p, _) = s.push(&table, now).unwrap();
@@ -188,7 +204,8 @@ fn validity_is_refreshed_while_pushes_land_and_withdrawn_when_one_is_late() {
     assert_eq!(names(&off), (vec![], vec![RUNTIME_LAYER]));
     assert!(!s.is_valid());
     assert!(s.validity(late, false).is_none(), "withdrawn once");
-    s.on_request(ack(VIRTUAL_HOST_TYPE, &p.nonce), late).unwrap();
+    s.on_request(ack(VIRTUAL_HOST_TYPE, &p.nonce), late)
+        .unwrap();
     assert!(s.validity(late, false).unwrap().resources.len() == 1);
     assert_eq!(names(&s.withdraw().unwrap()), (vec![], vec![RUNTIME_LAYER]));
 }
@@ -200,8 +217,11 @@ fn with_the_fast_path_off_envoy_is_answered_emptied_and_never_told_routes_are_va
     hot(&mut table, "a.d", "a", "10.0.0.1:80");
     let mut s = Session::new(template(), TTL, false);
     s.on_request(subscribe(RUNTIME_TYPE, &[]), now).unwrap();
-    s.on_request(subscribe(VIRTUAL_HOST_TYPE, &[("rc/a.d", "10.0.0.1:80")]), now)
-        .unwrap();
+    s.on_request(
+        subscribe(VIRTUAL_HOST_TYPE, &[("rc/a.d", "10.0.0.1:80")]),
+        now,
+    )
+    .unwrap();
     let (first, _) = s.push(&table, now).unwrap();
     assert_eq!(names(&first), (vec![], vec!["rc/a.d"]));
     s.on_request(ack(VIRTUAL_HOST_TYPE, &first.nonce), now)
