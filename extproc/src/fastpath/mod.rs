@@ -40,6 +40,10 @@ use crate::shutdown::Shutdown;
 pub use resources::RouteTemplate;
 use table::{HotRoute, HotTable};
 
+/// Most hot hosts (ports, and the `<id>.<domain>` form) one sandbox may have; its other hosts
+/// stay on the ext_proc path.
+pub const MAX_HOSTS_PER_SANDBOX: usize = 16;
+
 /// How the fast path runs (from the extproc's flags).
 #[derive(Debug, Clone)]
 pub struct FastPathConfig {
@@ -234,7 +238,11 @@ impl FastPath {
         let pending = std::mem::take(&mut *self.lock_pending());
         let before = table.cursor();
         for (host, _) in pending.hosts {
-            let route = self.resolve(&host);
+            let route = self.resolve(&host).filter(|r| {
+                // One sandbox cannot fill the table (and churn Envoy's) with port after port.
+                table.get(&host).is_some()
+                    || table.hosts_of(&r.sandbox).len() < MAX_HOSTS_PER_SANDBOX
+            });
             self.apply(&mut table, &host, route);
         }
         for sandbox in pending.sandboxes {

@@ -182,6 +182,26 @@ fn past_its_bound_the_table_drops_the_least_recently_active_sandboxes() {
 }
 
 #[test]
+fn one_sandbox_cannot_fill_the_table_port_by_port() {
+    let f = fixture(true, 1000);
+    f.index.apply(key("sbx-a"), running("10.0.0.1", None, 1));
+    for port in 1..=40 {
+        f.offer(&format!("{port}-sbx-a.sandbox.localhost"), "sbx-a");
+    }
+    f.fast.sync_once();
+    assert_eq!(f.fast.len(), MAX_HOSTS_PER_SANDBOX);
+    // Its hot hosts stay hot, and follow the index.
+    f.index.apply(key("sbx-a"), running("10.0.0.2", None, 1));
+    f.fast.sync_once();
+    assert_eq!(f.fast.len(), MAX_HOSTS_PER_SANDBOX);
+    assert!(f
+        .fast
+        .lock_table()
+        .iter()
+        .all(|(_, r)| r.dest.ip().to_string() == "10.0.0.2"));
+}
+
+#[test]
 fn switched_off_nothing_is_made_hot() {
     let f = fixture(false, 100);
     f.index.apply(key("sbx-a"), running("10.0.0.1", None, 1));

@@ -492,7 +492,7 @@ async fn envoy_bytes_per_route(args: &Args) -> anyhow::Result<f64> {
     let up_port = upstream.local_addr()?.port();
     tokio::spawn(serve_ok(upstream));
     let api = ApiDouble::start().await?;
-    for i in 0..=args.routes {
+    for i in 0..=args.routes + 1 {
         let pod = json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": format!("pod-{i}"), "namespace": "default",
@@ -584,8 +584,20 @@ async fn envoy_bytes_per_route(args: &Args) -> anyhow::Result<f64> {
         w.await??;
     }
     until_hot(&extproc, args.routes + 1).await;
+    // How long Envoy takes to apply one update to a full table (each rebuilds all of it).
+    let (sum0, n0) = acks(&extproc).await;
+    let extra = host(args.routes + 1);
+    get(addr, &extra, "/", &[]).await?;
+    until_hot(&extproc, args.routes + 2).await;
+    let (sum1, n1) = acks(&extproc).await;
+    println!(
+        "one update to a table of {} routes acknowledged in {:.0} ms",
+        args.routes + 1,
+        (sum1 - sum0) / (n1 - n0).max(1.0) * 1000.0
+    );
     let after = settled_rss(pid).await?;
     let heap_after = heap().await;
+    let added = (args.routes + 1) as f64;
     let field = |v: &serde_json::Value, k: &str| {
         v[k].as_str()
             .and_then(|s| s.parse::<f64>().ok())
@@ -593,19 +605,19 @@ async fn envoy_bytes_per_route(args: &Args) -> anyhow::Result<f64> {
     };
     println!(
         "envoy heap in use: {:.0} bytes per route (allocator's heap {:.0}, unmapped {:.0})",
-        (field(&heap_after, "allocated") - field(&heap_before, "allocated")) / args.routes as f64,
-        (field(&heap_after, "heap_size") - field(&heap_before, "heap_size")) / args.routes as f64,
+        (field(&heap_after, "allocated") - field(&heap_before, "allocated")) / added,
+        (field(&heap_after, "heap_size") - field(&heap_before, "heap_size")) / added,
         (field(&heap_after, "pageheap_unmapped") - field(&heap_before, "pageheap_unmapped"))
-            / args.routes as f64,
+            / added,
     );
     println!(
         "envoy RSS {} KB with 1 hot route, {} KB with {}: {:.0} bytes per route",
         before / 1024,
         after / 1024,
-        args.routes + 1,
-        (after as f64 - before as f64) / args.routes as f64
+        args.routes + 2,
+        (after as f64 - before as f64) / added
     );
-    Ok((after as f64 - before as f64) / args.routes as f64)
+    Ok((after as f64 - before as f64) / added)
 }
 
 /// Envoy's resident memory once it stops falling (freed pages go back to the system gradually):
@@ -635,6 +647,14 @@ async fn settled_rss(pid: u32) -> anyhow::Result<u64> {
         }
     }
     Ok(low)
+}
+
+/// The sum and count of an extproc's update acknowledgement times.
+async fn acks(p: &Extproc) -> (f64, f64) {
+    (
+        metric(p, "sandgate_extproc_fast_path_ack_duration_seconds_sum").await,
+        metric(p, "sandgate_extproc_fast_path_ack_duration_seconds_count").await,
+    )
 }
 
 /// A metric's value from an extproc's /metrics (0 when absent).
