@@ -588,8 +588,16 @@ async fn envoy_bytes_per_route(args: &Args) -> anyhow::Result<f64> {
     let (sum0, n0) = acks(&extproc).await;
     let extra = host(args.routes + 1);
     get(addr, &extra, "/", &[]).await?;
-    until_hot(&extproc, args.routes + 2).await;
-    let (sum1, n1) = acks(&extproc).await;
+    let (sum1, n1) = eventually(Duration::from_secs(30), || async {
+        let (sum, n) = acks(&extproc).await;
+        let pushes = metric(&extproc, "sandgate_extproc_fast_path_pushes_total").await;
+        if n > n0 && n == pushes {
+            Ok((sum, n))
+        } else {
+            Err(format!("{n} of {pushes} updates acknowledged"))
+        }
+    })
+    .await;
     println!(
         "one update to a table of {} routes acknowledged in {:.0} ms",
         args.routes + 1,

@@ -198,8 +198,10 @@ fn validity_is_refreshed_while_pushes_land_and_withdrawn_when_one_is_late() {
     hot(&mut table, "a.d", "a", "10.0.0.1:80");
     let t1 = t0 + TTL / 4;
     let (p, _) = s.push(&table, t1).unwrap();
-    // Envoy has not acknowledged within half the TTL: its table may be stale.
-    let late = t1 + TTL / 2;
+    // Still applying it (a large table): the flag is refreshed meanwhile.
+    assert!(s.validity(t1 + 2 * TTL, false).is_some());
+    // Not acknowledged within five TTLs: Envoy is stuck, its table may be stale.
+    let late = t1 + TTL * UNACKNOWLEDGED_TTLS;
     let off = s.validity(late, false).unwrap();
     assert_eq!(names(&off), (vec![], vec![RUNTIME_LAYER]));
     assert!(!s.is_valid());
