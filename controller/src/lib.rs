@@ -133,6 +133,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             domain: config.sandbox_domain.clone(),
             is_leader: is_leader.clone(),
             metrics: lifecycle_metrics,
+            evictor: poller.evictor(),
             recorder: kube::runtime::events::Recorder::new(
                 client.clone(),
                 kube::runtime::events::Reporter {

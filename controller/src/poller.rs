@@ -5,6 +5,7 @@
 //! or whose cursor expired answers with a full report, which replaces what was known of it.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use futures::future::join_all;
@@ -73,6 +74,44 @@ pub struct Poller {
     token: MetadataValue<tonic::metadata::Ascii>,
     timeout: Duration,
     replicas: HashMap<ReplicaAddr, Replica>,
+    evictor: Arc<Evictor>,
+}
+
+/// Drops a sandbox's route from every replica the last poll found. Shared with the claim
+/// controller, so a deleted claim's sandbox is unroutable before its finalizer goes.
+pub struct Evictor {
+    timeout: Duration,
+    clients: Mutex<Vec<(ReplicaAddr, Client)>>,
+}
+
+impl Evictor {
+    /// Asks every replica to drop a sandbox's route; each answers once its Envoy holds no hot
+    /// route to it (or after a bounded wait). Returns how many confirmed. Failures are logged:
+    /// the replicas' pod watches catch up, and their Envoys' hot routes lapse with them.
+    pub async fn evict_everywhere(&self, sandbox_id: &str) -> usize {
+        let clients = self
+            .clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        // The replica itself waits up to a second for its Envoy.
+        let timeout = self.timeout + Duration::from_secs(1);
+        let calls = clients.into_iter().map(|(addr, mut client)| async move {
+            let req = EvictRouteRequest { sandbox_id: sandbox_id.to_string() };
+            match tokio::time::timeout(timeout, client.evict_route(req)).await {
+                Ok(Ok(r)) if r.get_ref().hot_routes_withdrawn => true,
+                Ok(Ok(_)) => {
+                    tracing::warn!(replica = %addr, sandbox_id, "EvictRoute: the replica's envoy has not confirmed dropping the sandbox's hot routes");
+                    false
+                }
+                other => {
+                    tracing::warn!(replica = %addr, sandbox_id, result = ?other.map(|r| r.map(|_| ())), "EvictRoute failed");
+                    false
+                }
+            }
+        });
+        join_all(calls).await.into_iter().filter(|ok| *ok).count()
+    }
 }
 
 impl Poller {
@@ -84,7 +123,16 @@ impl Poller {
             token,
             timeout,
             replicas: HashMap::new(),
+            evictor: Arc::new(Evictor {
+                timeout,
+                clients: Mutex::new(Vec::new()),
+            }),
         })
+    }
+
+    /// The evictor, kept up to date with the replicas of the latest poll.
+    pub fn evictor(&self) -> Arc<Evictor> {
+        self.evictor.clone()
     }
 
     fn client(&mut self, addr: &ReplicaAddr) -> &mut Replica {
@@ -112,6 +160,15 @@ impl Poller {
         for a in addrs {
             self.client(a);
         }
+        *self
+            .evictor
+            .clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = self
+            .replicas
+            .iter()
+            .map(|(a, r)| (a.clone(), r.client.clone()))
+            .collect();
         let timeout = self.timeout;
         let calls = self.replicas.iter_mut().map(|(addr, r)| async move {
             let req = GetLastActiveRequest {
@@ -178,19 +235,8 @@ impl Poller {
         out
     }
 
-    /// Asks every replica to drop a sandbox's route. Failures are logged: the pod watch catches up.
-    pub async fn evict_everywhere(&mut self, sandbox_id: &str) -> usize {
-        let timeout = self.timeout;
-        let calls = self.replicas.iter_mut().map(|(addr, r)| async move {
-            let req = EvictRouteRequest { sandbox_id: sandbox_id.to_string() };
-            match tokio::time::timeout(timeout, r.client.evict_route(req)).await {
-                Ok(Ok(_)) => true,
-                other => {
-                    tracing::warn!(replica = %addr, sandbox_id, result = ?other.map(|r| r.map(|_| ())), "EvictRoute failed");
-                    false
-                }
-            }
-        });
-        join_all(calls).await.into_iter().filter(|ok| *ok).count()
+    /// Asks every replica to drop a sandbox's route (see [`Evictor::evict_everywhere`]).
+    pub async fn evict_everywhere(&self, sandbox_id: &str) -> usize {
+        self.evictor.evict_everywhere(sandbox_id).await
     }
 }

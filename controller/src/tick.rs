@@ -224,7 +224,7 @@ async fn run_tick(ctx: &Context) -> TickReport {
             ..Default::default()
         };
     }
-    let released = release(ctx, &mut poller, &plans).await;
+    let released = release(ctx, &poller, &plans).await;
     TickReport {
         outcome: "ok",
         released,
@@ -281,7 +281,7 @@ pub fn release_patch(c: &Contract, p: &PodPlan, now: SystemTime) -> serde_json::
     crate::patches::idle_release(c, &pod, now)
 }
 
-async fn release(ctx: &Context, poller: &mut Poller, plans: &[PodPlan]) -> Vec<String> {
+async fn release(ctx: &Context, poller: &Poller, plans: &[PodPlan]) -> Vec<String> {
     let idle: Vec<(&PodPlan, Duration)> = plans
         .iter()
         .filter_map(|p| match p.verdict {
@@ -329,9 +329,14 @@ async fn release(ctx: &Context, poller: &mut Poller, plans: &[PodPlan]) -> Vec<S
         if let Err(e) = ctx.recorder.publish(&ev, &pod.object_ref(&())).await {
             tracing::warn!(pod = %p.name, error = %e, "cannot publish release event");
         }
-        poller.evict_everywhere(&p.sandbox_id).await;
         released.push(p.sandbox_id.clone());
     }
+    // Each eviction answers once the replicas' Envoys hold no hot route to the sandbox.
+    futures::stream::iter(&released)
+        .for_each_concurrent(ctx.write_concurrency, |id| async move {
+            poller.evict_everywhere(id).await;
+        })
+        .await;
     released
 }
 

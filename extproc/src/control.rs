@@ -2,6 +2,7 @@
 //! Every call must carry `authorization: Bearer <token>`, compared in constant time.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use sandgate_shared::control::{
     control_server::{Control, ControlServer},
@@ -12,6 +13,7 @@ use subtle::ConstantTimeEq;
 use tonic::{Request, Response, Status};
 
 use crate::activity::ActivityTable;
+use crate::fastpath::FastPath;
 use crate::index::SandboxKey;
 use crate::resolver::Resolver;
 
@@ -21,7 +23,12 @@ pub struct ControlApi {
     pub replica: String,
     pub boot_id: String,
     pub warm: Box<dyn Fn() -> bool + Send + Sync>,
+    /// Hot routes in this replica's Envoy, withdrawn before an eviction answers.
+    pub fast: Option<Arc<FastPath>>,
 }
+
+/// How long an eviction waits for the replica's Envoy to drop the sandbox's hot routes.
+pub const EVICT_SETTLE: Duration = Duration::from_secs(1);
 
 /// Checks the bearer token of a call.
 #[derive(Clone)]
@@ -105,9 +112,26 @@ impl Control for ControlApi {
         let routed = self.resolver.index().evict(&key);
         self.resolver.forget_lookup(&key).await;
         let tracked = self.activity.remove(key.as_str());
-        tracing::info!(sandbox_id = %id, routed, tracked, "route evicted");
+        // The index no longer holds the route: once Envoy has the table as it is now, it holds
+        // no hot route to the sandbox either.
+        let withdrawn = match &self.fast {
+            Some(fast) => fast.settle(EVICT_SETTLE).await,
+            None => true,
+        };
+        if let Some(fast) = &self.fast {
+            match withdrawn {
+                true => fast.metrics.evictions_confirmed.inc(),
+                false => fast.metrics.evictions_unconfirmed.inc(),
+            };
+        }
+        if withdrawn {
+            tracing::info!(sandbox_id = %id, routed, tracked, "route evicted");
+        } else {
+            tracing::warn!(sandbox_id = %id, routed, tracked, within = ?EVICT_SETTLE, "route evicted, but envoy has not confirmed dropping its hot routes yet");
+        }
         Ok(Response::new(EvictRouteResponse {
             evicted: routed || tracked,
+            hot_routes_withdrawn: withdrawn,
         }))
     }
 }

@@ -121,6 +121,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         resolver: resolver.clone(),
         replica: config.replica_name.clone(),
         boot_id: boot_id.clone(),
+        fast: Some(fast.clone()),
         warm: {
             let sync = sync.clone();
             Box::new(move || sync.is_synced())

@@ -183,6 +183,8 @@ pub struct FastPathMetrics {
     pub activity_polls_ok: Counter,
     pub activity_polls_failed: Counter,
     pub activity_touches: Counter,
+    pub evictions_confirmed: Counter,
+    pub evictions_unconfirmed: Counter,
 }
 
 impl FastPathMetrics {
@@ -243,6 +245,12 @@ impl FastPathMetrics {
             "activity_touches",
             "Sandboxes marked active from Envoy's per-host counters",
         );
+        let evictions = Family::<ResultLabels, Counter>::default();
+        reg.register(
+            "evictions",
+            "Control-API evictions (releases, deleted claims), by whether every Envoy confirmed dropping the sandbox's hot routes in time (confirmed, unconfirmed)",
+            evictions.clone(),
+        );
         let result = |f: &Family<ResultLabels, Counter>, r| {
             f.get_or_create(&ResultLabels { result: r }).clone()
         };
@@ -259,6 +267,8 @@ impl FastPathMetrics {
             activity_polls_ok: result(&polls, "ok"),
             activity_polls_failed: result(&polls, "error"),
             activity_touches,
+            evictions_confirmed: result(&evictions, "confirmed"),
+            evictions_unconfirmed: result(&evictions, "unconfirmed"),
         }
     }
 }

@@ -126,6 +126,11 @@ impl Envoy {
         Ok(Envoy { ports, child })
     }
 
+    /// Sends a signal by name (`STOP` freezes it with its connections open, `CONT` resumes it).
+    pub fn signal(&self, name: &str) {
+        crate::procs::signal(&self.child, name);
+    }
+
     /// SIGTERM (what the kubelet sends after the preStop hook), then wait for the exit.
     pub async fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         if let Some(pid) = self.child.id() {

@@ -174,6 +174,25 @@ pub async fn get(
     Reply::read(resp).await
 }
 
+/// A WebSocket through Envoy.
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens a WebSocket to `host` through Envoy at `envoy`; the HTTP status when it is refused.
+pub async fn websocket(envoy: std::net::SocketAddr, host: &str) -> Result<Ws, u16> {
+    let url = format!("ws://{envoy}/socket");
+    let mut req =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+            .expect("websocket request");
+    req.headers_mut()
+        .insert("host", host.parse().expect("host header"));
+    match tokio_tungstenite::connect_async(req).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(r.status().as_u16()),
+        Err(e) => panic!("websocket to {host}: {e}"),
+    }
+}
+
 /// One HTTP/1.1 request with a JSON body (or none).
 pub async fn request(
     addr: std::net::SocketAddr,
@@ -287,11 +306,7 @@ impl Extproc {
 
     /// Sends a signal by name (`STOP` freezes it with its connections open, `CONT` resumes it).
     pub fn signal(&self, name: &str) {
-        if let Some(pid) = self.child.id() {
-            let _ = std::process::Command::new("kill")
-                .args([&format!("-{name}"), &pid.to_string()])
-                .status();
-        }
+        signal(&self.child, name);
     }
 
     /// Kills the process and waits for it to exit.
@@ -307,6 +322,15 @@ impl Extproc {
                 .status()?;
         }
         Ok(tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await??)
+    }
+}
+
+/// Sends `child` a signal by name.
+pub fn signal(child: &Child, name: &str) {
+    if let Some(pid) = child.id() {
+        let _ = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &pid.to_string()])
+            .status();
     }
 }
 

@@ -386,3 +386,47 @@ async fn a_create_no_warm_pod_can_answer_is_a_503_and_leaves_no_claim() {
     })
     .await;
 }
+
+/// A kill answers once the sandbox is unreachable: the controller evicts its route from every
+/// gateway (whose Envoy confirms dropping the hot route) before the claim's finalizer goes, and
+/// the API waits for the claim to be gone.
+#[tokio::test]
+async fn a_killed_sandbox_is_unreachable_when_the_kill_answers() {
+    let e = E2b::start(1, &[]).await;
+    let r = call(
+        &e,
+        "POST",
+        "/v2/sandboxes",
+        None,
+        Some(json!({"templateID": "base"})),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.json()["sandboxID"].as_str().unwrap().to_string();
+    let host = format!("8080-{id}.{}", sandgate_tests::stack::DOMAIN);
+    let gw = &e.cluster.gateways[0];
+    if sandgate_tests::stack::fast_path() {
+        sandgate_tests::stack::until_hot(&gw.extproc, &gw.envoy, &host, 10 * SEC).await;
+    } else {
+        eventually(10 * SEC, || async {
+            let r = e.cluster.get(0, &host).await;
+            (r.status == 200)
+                .then_some(())
+                .ok_or(format!("{} {}", r.status, r.body))
+        })
+        .await;
+    }
+    let confirmed = "sandgate_extproc_fast_path_evictions_total{result=\"confirmed\"}";
+    assert_eq!(gw.extproc.metric(confirmed).await, 0.0);
+
+    let r = call(&e, "DELETE", &format!("/sandboxes/{id}"), None, None).await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let held = gw.envoy.hot_hosts().await;
+    assert!(!held.contains(&host), "envoy still holds {host}: {held:?}");
+    let r = e.cluster.get(0, &host).await;
+    assert_ne!(r.status, 200, "the killed sandbox answered: {}", r.body);
+    assert!(
+        gw.extproc.metric(confirmed).await >= 1.0,
+        "the controller did not evict the route before the claim went"
+    );
+}

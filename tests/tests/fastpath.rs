@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
-use sandgate_tests::procs::{eventually, get, holds, Reply};
+use sandgate_tests::procs::{eventually, get, holds, websocket, Reply};
 use sandgate_tests::stack::Stack;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
@@ -129,6 +129,75 @@ async fn released_or_deleted_hot_sandboxes_stop_routing_within_a_second() {
         })
         .await;
     }
+}
+
+/// What a controller's EvictRoute (after a release, or a deleted claim) promises: when it
+/// answers, this replica's Envoy already holds no hot route to the sandbox, so whoever waited for
+/// it (the E2B kill) never sees the sandbox answer again. An Envoy too slow to confirm makes it
+/// wait, a bounded time, then say so.
+#[tokio::test]
+async fn an_eviction_answers_once_envoy_holds_no_hot_route_to_the_sandbox() {
+    use sandgate_shared::control::{control_client::ControlClient, EvictRouteRequest};
+    let s = Stack::start_with(ON).await;
+    for (pod, id) in [("pod-slow", "sbx-slow"), ("pod-stuck", "sbx-stuck")] {
+        s.sandbox(pod, id, 8080).await;
+        s.until_hot(&host(id), 5 * SEC).await;
+    }
+    let control = ControlClient::new(
+        tonic::transport::Channel::from_shared(format!(
+            "http://127.0.0.1:{}",
+            s.extproc.control_port
+        ))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap(),
+    );
+    let evict = |id: &str| {
+        let mut control = control.clone();
+        let mut req = tonic::Request::new(EvictRouteRequest {
+            sandbox_id: id.into(),
+        });
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", sandgate_tests::procs::TEST_TOKEN)
+                .parse()
+                .unwrap(),
+        );
+        tokio::spawn(async move { control.evict_route(req).await.unwrap().into_inner() })
+    };
+
+    // Envoy frozen for a moment: the answer waits for it.
+    s.envoy.signal("STOP");
+    let mut pending = evict("sbx-slow");
+    let early = tokio::time::timeout(SEC / 2, &mut pending).await;
+    s.envoy.signal("CONT");
+    assert!(early.is_err(), "answered before envoy confirmed: {early:?}");
+    let answer = pending.await.unwrap();
+    assert!(answer.evicted && answer.hot_routes_withdrawn, "{answer:?}");
+    let held = s.envoy.hot_hosts().await;
+    assert!(
+        !held.contains(&host("sbx-slow")),
+        "envoy still holds the evicted sandbox: {held:?}"
+    );
+
+    // Frozen past the bound: the answer comes anyway, saying Envoy has not confirmed.
+    s.envoy.signal("STOP");
+    let started = Instant::now();
+    let answer = evict("sbx-stuck").await.unwrap();
+    let took = started.elapsed();
+    s.envoy.signal("CONT");
+    assert!(answer.evicted && !answer.hot_routes_withdrawn, "{answer:?}");
+    assert!(took < 3 * SEC, "the wait is bounded: {took:?}");
+    eventually(SEC, || async {
+        let held = s.envoy.hot_hosts().await;
+        if held.contains(&host("sbx-stuck")) {
+            Err(format!("envoy still holds sbx-stuck: {held:?}"))
+        } else {
+            Ok(())
+        }
+    })
+    .await;
 }
 
 /// Stops the extproc (`signal`: KILL, or STOP which leaves its connections open), releases and
@@ -276,21 +345,11 @@ async fn websocket_upgrades_on_a_hot_host_are_counted_and_capped_by_ext_proc() {
     let open = |n: usize| {
         let (envoy, h) = (s.envoy_addr(), h.clone());
         async move {
-            let url = format!("ws://{envoy}/socket");
-            let mut req =
-                tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
-                    .unwrap();
-            req.headers_mut().insert("host", h.parse().unwrap());
-            match tokio_tungstenite::connect_async(req).await {
-                Ok((mut ws, _)) => {
-                    ws.send(Message::text(format!("hi {n}"))).await.unwrap();
-                    let reply = ws.next().await.unwrap().unwrap().into_text().unwrap();
-                    assert_eq!(reply.as_str(), format!("pod-ws:hi {n}"));
-                    Ok(ws)
-                }
-                Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(r.status().as_u16()),
-                Err(e) => panic!("websocket {n}: {e}"),
-            }
+            let mut ws = websocket(envoy, &h).await?;
+            ws.send(Message::text(format!("hi {n}"))).await.unwrap();
+            let reply = ws.next().await.unwrap().unwrap().into_text().unwrap();
+            assert_eq!(reply.as_str(), format!("pod-ws:hi {n}"));
+            Ok::<_, u16>(ws)
         }
     };
     let before = s.routed_by_ext_proc().await;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use futures::{SinkExt, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Patch, PatchParams};
-use sandgate_tests::procs::{eventually, get, Reply};
+use sandgate_tests::procs::{eventually, get, websocket, Reply};
 use sandgate_tests::stack::Stack;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
@@ -26,23 +26,6 @@ async fn annotate(s: &Stack, pod: &str, key: &str, value: &str) {
         .patch(pod, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .unwrap();
-}
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// Opens a WebSocket to `host` through Envoy; the HTTP status on refusal.
-async fn websocket(envoy: SocketAddr, host: &str) -> Result<Ws, u16> {
-    let url = format!("ws://{envoy}/socket");
-    let mut req =
-        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
-            .unwrap();
-    req.headers_mut().insert("host", host.parse().unwrap());
-    match tokio_tungstenite::connect_async(req).await {
-        Ok((ws, _)) => Ok(ws),
-        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(r.status().as_u16()),
-        Err(e) => panic!("websocket to {host}: {e}"),
-    }
 }
 
 fn assert_json_error(r: &Reply, status: u16, message_contains: &str) {

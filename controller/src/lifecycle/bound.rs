@@ -162,9 +162,16 @@ pub async fn release_pod(
     {
         Ok(_) => {
             tracing::info!(pod, sandbox_id = %id, reason, "sandbox released");
+            // Unroutable everywhere before the claim moves on (a deleted claim's finalizer
+            // goes next: whoever waits for that sees a sandbox nothing reaches).
+            ctx.evictor.evict_everywhere(id).await;
             Ok(())
         }
-        Err(kube::Error::Api(e)) if matches!(e.code, 404 | 409 | 422) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => {
+            ctx.evictor.evict_everywhere(id).await;
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if matches!(e.code, 409 | 422) => Ok(()),
         Err(e) => Err(e.into()),
     }
 }

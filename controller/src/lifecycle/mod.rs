@@ -132,6 +132,8 @@ pub struct Ctx {
     pub is_leader: Arc<AtomicBool>,
     pub metrics: LifecycleMetrics,
     pub recorder: kube::runtime::events::Recorder,
+    /// Drops a released sandbox's route from every extproc replica.
+    pub evictor: Arc<crate::poller::Evictor>,
 }
 
 /// Publishes a Normal event on `obj`; failures are logged, never fatal.

@@ -133,7 +133,13 @@ async fn serve(
                 if changed.is_err() {
                     break "shutdown";
                 }
-                push_at.get_or_insert(Instant::now() + fast.config.batch);
+                // A destination taken away goes out at once; new hosts wait to be batched.
+                let at = if fast.urgent_since(session.cursor()) {
+                    Instant::now()
+                } else {
+                    Instant::now() + fast.config.batch
+                };
+                push_at = Some(push_at.map_or(at, |t| t.min(at)));
             }
             _ = due => {
                 push_at = None;
@@ -145,7 +151,6 @@ async fn serve(
                     tracing::debug!(stream = id, upserts = stats.upserts, removals = stats.removals, "hot routes pushed");
                     out.push(resp);
                 }
-                fast.note_cursor(id, session.cursor());
             }
             _ = tick.tick() => {}
             _ = fast.shutdown.wait() => {
@@ -153,6 +158,7 @@ async fn serve(
                 break "shutdown";
             }
         }
+        fast.note_stream(id, session.needed(), session.applied());
         out.extend(session.validity(Instant::now().into_std(), false));
         if !send_all(&tx, out).await {
             break "closed by envoy";
@@ -179,7 +185,7 @@ async fn serve(
         m.valid_streams.dec();
     }
     m.streams.dec();
-    fast.forget_cursor(id);
+    fast.forget_stream(id);
     tracing::info!(stream = id, why, "envoy hot-route stream ended");
 }
 

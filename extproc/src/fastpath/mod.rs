@@ -24,6 +24,7 @@ pub mod table;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -62,6 +63,15 @@ pub struct FastPathConfig {
     pub envoy_admin: SocketAddr,
 }
 
+/// One ADS stream's place in the table's change log.
+#[derive(Debug, Clone, Copy)]
+struct StreamMark {
+    /// The oldest change it may still need.
+    needed: u64,
+    /// Every change up to this one is applied in its Envoy.
+    applied: u64,
+}
+
 /// Hosts and sandboxes the sync task must look at.
 #[derive(Default)]
 struct Pending {
@@ -83,8 +93,13 @@ pub struct FastPath {
     wake: Notify,
     /// The table's cursor after each change; every ADS stream watches it.
     changes: watch::Sender<u64>,
-    /// The oldest cursor each live stream still needs, by stream number.
-    cursors: Mutex<HashMap<u64, u64>>,
+    /// Where each live stream is, by stream number.
+    streams: Mutex<HashMap<u64, StreamMark>>,
+    /// Bumped whenever a stream's Envoy confirms a push.
+    applied: watch::Sender<()>,
+    /// The table cursor of the latest change that took a destination away (a removal or a new
+    /// destination): streams push such changes at once, without the batching delay.
+    urgent: AtomicU64,
     pub metrics: FastPathMetrics,
     pub shutdown: Shutdown,
 }
@@ -112,7 +127,9 @@ impl FastPath {
             pending: Mutex::new(Pending::default()),
             wake: Notify::new(),
             changes: watch::channel(0).0,
-            cursors: Mutex::new(HashMap::new()),
+            streams: Mutex::new(HashMap::new()),
+            applied: watch::channel(()).0,
+            urgent: AtomicU64::new(0),
             metrics,
             shutdown,
         });
@@ -173,19 +190,51 @@ impl FastPath {
         self.lock_pending().hosts.values().any(|k| k == key)
     }
 
-    /// Records the oldest table change stream `id` may still need.
-    fn note_cursor(&self, id: u64, cursor: u64) {
-        self.cursors
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, cursor);
+    /// Records where stream `id` is: the oldest table change it may still need, and the newest
+    /// its Envoy has applied.
+    fn note_stream(&self, id: u64, needed: u64, applied: u64) {
+        let mark = StreamMark { needed, applied };
+        let old = self.lock_streams().insert(id, mark);
+        if old.is_none_or(|o| o.applied != applied) {
+            self.applied.send_replace(());
+        }
     }
 
-    fn forget_cursor(&self, id: u64) {
-        self.cursors
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
+    fn forget_stream(&self, id: u64) {
+        self.lock_streams().remove(&id);
+        self.applied.send_replace(());
+    }
+
+    fn lock_streams(&self) -> MutexGuard<'_, HashMap<u64, StreamMark>> {
+        self.streams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a change at or after `cursor` took a destination away.
+    fn urgent_since(&self, cursor: u64) -> bool {
+        self.urgent.load(Ordering::Acquire) > cursor
+    }
+
+    /// Brings the table up to date with the index now and waits, up to `within`, until every
+    /// connected Envoy has applied it: after a `true`, no Envoy routes by a hot route the index
+    /// no longer holds (an evicted sandbox's, say). `false` when one did not confirm in time;
+    /// its validity flag still lapses if it never does.
+    pub async fn settle(&self, within: Duration) -> bool {
+        if !self.config.enabled {
+            return true;
+        }
+        let mut confirmed = self.applied.subscribe();
+        self.sync_once();
+        let target = self.lock_table().cursor();
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if self.lock_streams().values().all(|m| m.applied >= target) {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, confirmed.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return false,
+            }
+        }
     }
 
     fn lock_table(&self) -> MutexGuard<'_, HotTable> {
@@ -237,18 +286,19 @@ impl FastPath {
         let mut table = self.lock_table();
         let pending = std::mem::take(&mut *self.lock_pending());
         let before = table.cursor();
+        let mut urgent = false;
         for (host, _) in pending.hosts {
             let route = self.resolve(&host).filter(|r| {
                 // One sandbox cannot fill the table (and churn Envoy's) with port after port.
                 table.get(&host).is_some()
                     || table.hosts_of(&r.sandbox).len() < MAX_HOSTS_PER_SANDBOX
             });
-            self.apply(&mut table, &host, route);
+            urgent |= self.apply(&mut table, &host, route);
         }
         for sandbox in pending.sandboxes {
             for host in table.hosts_of(&sandbox).to_vec() {
                 let route = self.resolve(&host);
-                self.apply(&mut table, &host, route);
+                urgent |= self.apply(&mut table, &host, route);
             }
         }
         let evict =
@@ -260,12 +310,17 @@ impl FastPath {
         self.metrics.routes.set(table.len() as i64);
         let oldest = self.oldest_cursor(table.cursor());
         table.trim(oldest);
+        if urgent {
+            self.urgent.store(table.cursor(), Ordering::Release);
+        }
         if table.cursor() != before {
             self.changes.send_replace(table.cursor());
         }
     }
 
-    fn apply(&self, table: &mut HotTable, host: &str, route: Option<HotRoute>) {
+    /// Sets `host`'s route; returns whether that took a destination away from it.
+    fn apply(&self, table: &mut HotTable, host: &str, route: Option<HotRoute>) -> bool {
+        let old = table.get(host);
         if table.set(host, route) {
             let hot = self.hot.pin();
             if route.is_some() {
@@ -274,11 +329,12 @@ impl FastPath {
                 hot.remove(host);
             }
         }
+        old.is_some_and(|o| route.is_none_or(|r| r.dest != o.dest))
     }
 
     fn oldest_cursor(&self, current: u64) -> u64 {
-        let cursors = self.cursors.lock().unwrap_or_else(|e| e.into_inner());
-        cursors.values().copied().min().unwrap_or(current)
+        let streams = self.lock_streams();
+        streams.values().map(|m| m.needed).min().unwrap_or(current)
     }
 
     /// Hot routes now, with the sandbox each destination belongs to (for activity).

@@ -53,6 +53,8 @@ struct InFlight {
     nonce: String,
     sent_at: Instant,
     first: bool,
+    /// The table cursor this push brings Envoy to.
+    cursor: u64,
 }
 
 /// What a push carried, for metrics.
@@ -75,6 +77,8 @@ pub struct Session {
     /// What Envoy holds once the push in flight applies: host → destination.
     sent: HashMap<String, SocketAddr>,
     cursor: u64,
+    /// The table cursor Envoy has confirmed applying.
+    applied: u64,
     in_flight: Option<InFlight>,
     synced: bool,
     // RTDS
@@ -95,6 +99,7 @@ impl Session {
             initial: None,
             sent: HashMap::new(),
             cursor: 0,
+            applied: 0,
             in_flight: None,
             synced: false,
             rtds_subscribed: false,
@@ -114,9 +119,28 @@ impl Session {
         self.valid_sent
     }
 
-    /// The oldest table change this stream may still need.
+    /// The table cursor of the last push.
     pub fn cursor(&self) -> u64 {
         self.cursor
+    }
+
+    /// The oldest table change this stream may still need (`u64::MAX`: none).
+    pub fn needed(&self) -> u64 {
+        if !self.vhds_subscribed || !self.enabled {
+            u64::MAX
+        } else {
+            self.cursor
+        }
+    }
+
+    /// The table cursor this stream's Envoy holds every change up to: nothing it holds is older.
+    /// `u64::MAX` when it takes no hot routes (not subscribed, or the fast path is off).
+    pub fn applied(&self) -> u64 {
+        if !self.vhds_subscribed || !self.enabled {
+            u64::MAX
+        } else {
+            self.applied
+        }
     }
 
     /// Handles one request from Envoy: a subscription, an acknowledgement or a rejection. Returns
@@ -165,6 +189,7 @@ impl Session {
         if flight.first {
             self.synced = true;
         }
+        self.applied = self.applied.max(flight.cursor);
         Ok(Some(now.saturating_duration_since(flight.sent_at)))
     }
 
@@ -230,6 +255,8 @@ impl Session {
         }
         self.cursor = table.cursor();
         if !first && resources.is_empty() && removed.is_empty() {
+            // Envoy already holds the table as it is now.
+            self.applied = self.cursor;
             return None;
         }
         let stats = PushStats {
@@ -241,6 +268,7 @@ impl Session {
             nonce: nonce.clone(),
             sent_at: now,
             first,
+            cursor: self.cursor,
         });
         Some((
             DeltaDiscoveryResponse {

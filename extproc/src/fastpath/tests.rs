@@ -219,3 +219,64 @@ fn canonical_hosts_are_lower_case_without_a_port() {
     assert_eq!(c(""), None);
     assert_eq!(c("[::1]").as_deref(), Some("[::1]"));
 }
+
+#[test]
+fn only_a_destination_taken_away_is_urgent() {
+    let f = fixture(true, 100);
+    f.index.apply(key("sbx-a"), running("10.0.0.1", None, 1));
+    f.offer("8080-sbx-a.sandbox.localhost", "sbx-a");
+    f.fast.sync_once();
+    // A new host can wait for the batch.
+    assert!(!f.fast.urgent_since(0));
+    let after_add = f.fast.lock_table().cursor();
+    // A new IP cannot, nor can a release.
+    f.index.apply(key("sbx-a"), running("10.0.0.2", None, 1));
+    f.fast.sync_once();
+    assert!(f.fast.urgent_since(after_add));
+    let after_move = f.fast.lock_table().cursor();
+    assert!(!f.fast.urgent_since(after_move));
+    f.index.evict(&key("sbx-a"));
+    f.fast.sync_once();
+    assert!(f.fast.urgent_since(after_move));
+}
+
+#[tokio::test]
+async fn settling_waits_for_every_stream_to_apply_the_table() {
+    let f = fixture(true, 100);
+    f.index.apply(key("sbx-a"), running("10.0.0.1", None, 1));
+    f.offer("8080-sbx-a.sandbox.localhost", "sbx-a");
+    f.fast.sync_once();
+    let added = f.fast.lock_table().cursor();
+    // No Envoy connected: nothing to wait for.
+    assert!(f.fast.settle(Duration::from_millis(10)).await);
+    f.fast.note_stream(1, added, added);
+    f.fast.note_stream(2, added, u64::MAX); // takes no hot routes
+    assert!(f.fast.settle(Duration::from_millis(10)).await);
+
+    // Evicted: the table moves on and stream 1 has not applied it yet.
+    f.index.evict(&key("sbx-a"));
+    let fast = f.fast.clone();
+    let waiter = tokio::spawn(async move { fast.settle(Duration::from_secs(10)).await });
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while f.fast.lock_table().cursor() == added {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the eviction reaches the table");
+    assert!(!waiter.is_finished());
+    let removed = f.fast.lock_table().cursor();
+    f.fast.note_stream(1, removed, removed);
+    assert!(tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("settled once applied")
+        .unwrap());
+
+    // A stream that never applies it: a bounded wait, then false.
+    f.index.apply(key("sbx-b"), running("10.0.0.2", None, 2));
+    f.offer("8080-sbx-b.sandbox.localhost", "sbx-b");
+    assert!(!f.fast.settle(Duration::from_millis(50)).await);
+    // A stream that ends is not waited for.
+    f.fast.forget_stream(1);
+    assert!(f.fast.settle(Duration::from_millis(50)).await);
+}

@@ -187,6 +187,31 @@ impl ApiDouble {
             .unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
     }
 
+    /// Stores `n` running, Ready sandbox pods in `default` for the benchmarks: `pod-<i>` with ID
+    /// `sbx-<i>`, all on 127.0.0.1, with `annotations`.
+    pub fn running_sandboxes(
+        &self,
+        n: usize,
+        annotations: serde_json::Value,
+    ) -> anyhow::Result<()> {
+        for i in 0..n {
+            let pod = serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": format!("pod-{i}"), "namespace": "default",
+                    "labels": {"sandgate.dev/sandbox-id": format!("sbx-{i}"),
+                               "sandgate.dev/phase": "running", "sandgate.dev/pool": "bench"},
+                    "annotations": annotations},
+                "spec": {"containers": [{"name": "s", "image": "x"}]},
+                "status": {"phase": "Running", "podIP": "127.0.0.1",
+                           "conditions": [{"type": "Ready", "status": "True"}]},
+            });
+            self.store
+                .create("pods", "default", pod)
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        }
+        Ok(())
+    }
+
     /// Writes a kubeconfig pointing at the double.
     pub fn write_kubeconfig(&self, dir: &Path) -> std::io::Result<PathBuf> {
         let path = dir.join("kubeconfig");

@@ -58,6 +58,7 @@ async fn serve_replica(table: Arc<ActivityTable>, name: &str) -> anyhow::Result<
         replica: name.into(),
         boot_id: format!("{name}-boot"),
         warm: Box::new(|| true),
+        fast: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -95,20 +96,10 @@ async fn tick_bench() -> anyhow::Result<(f64, f64, f64)> {
     println!("== idle ticks: {SANDBOXES} running sandboxes, {REPLICAS} replicas, {BUSY} busy, interval {INTERVAL:?}, refresh {REFRESH:?}");
     let api = ApiDouble::start().await?;
     let now = idle::format_time(SystemTime::now());
-    for i in 0..SANDBOXES {
-        let pod = json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": format!("pod-{i}"), "namespace": "default",
-                "labels": {"sandgate.dev/sandbox-id": format!("sbx-{i}"), "sandgate.dev/phase": "running", "sandgate.dev/pool": "bench"},
-                "annotations": {"sandgate.dev/last-active": now, "sandgate.dev/idle-timeout": "1h"}},
-            "spec": {"containers": [{"name": "s", "image": "x"}]},
-            "status": {"phase": "Running", "podIP": "127.0.0.1",
-                       "conditions": [{"type": "Ready", "status": "True"}]},
-        });
-        api.store
-            .create("pods", "default", pod)
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    }
+    api.running_sandboxes(
+        SANDBOXES,
+        json!({"sandgate.dev/last-active": now, "sandgate.dev/idle-timeout": "1h"}),
+    )?;
     let tables: Vec<Arc<ActivityTable>> = (0..REPLICAS)
         .map(|_| Arc::new(ActivityTable::new()))
         .collect();

@@ -356,19 +356,7 @@ async fn envoy_bench(args: &Args) -> anyhow::Result<Vec<Vec<Run>>> {
 
     // sandgate: the API double with N running sandboxes, and the real extproc.
     let api = ApiDouble::start().await?;
-    for i in 0..args.sandboxes {
-        let pod = json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": format!("pod-{i}"), "namespace": "default",
-                "labels": {"sandgate.dev/sandbox-id": format!("sbx-{i}"), "sandgate.dev/phase": "running", "sandgate.dev/pool": "bench"}},
-            "spec": {"containers": [{"name": "s", "image": "x"}]},
-            "status": {"phase": "Running", "podIP": "127.0.0.1",
-                       "conditions": [{"type": "Ready", "status": "True"}]},
-        });
-        api.store
-            .create("pods", "default", pod)
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    }
+    api.running_sandboxes(args.sandboxes, json!({}))?;
     let kubeconfig = api.write_kubeconfig(dir.path())?;
     // sandgate: the ext_proc path only; fast: the same binary with hot routes held in Envoy.
     let sg_port = free_port();
@@ -492,19 +480,7 @@ async fn envoy_bytes_per_route(args: &Args) -> anyhow::Result<f64> {
     let up_port = upstream.local_addr()?.port();
     tokio::spawn(serve_ok(upstream));
     let api = ApiDouble::start().await?;
-    for i in 0..=args.routes + 1 {
-        let pod = json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": format!("pod-{i}"), "namespace": "default",
-                "labels": {"sandgate.dev/sandbox-id": format!("sbx-{i}"), "sandgate.dev/phase": "running", "sandgate.dev/pool": "bench"}},
-            "spec": {"containers": [{"name": "s", "image": "x"}]},
-            "status": {"phase": "Running", "podIP": "127.0.0.1",
-                       "conditions": [{"type": "Ready", "status": "True"}]},
-        });
-        api.store
-            .create("pods", "default", pod)
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    }
+    api.running_sandboxes(args.routes + 2, json!({}))?;
     let kubeconfig = api.write_kubeconfig(dir.path())?;
     let (port, admin) = (free_port(), free_port());
     let max = (args.routes * 2).to_string();

@@ -192,7 +192,7 @@ async fn main() -> anyhow::Result<()> {
          \x20 curl localhost:{p}/sandboxes/demo-3/3000/api?x=1                 # path form (prefix stripped)\n\
          \x20 curl -i -H 'Host: 8080-nobody.{d}' localhost:{p}/               # 502 sandbox not found\n\
          \x20 curl -i -H 'Host: 8080-demo-booting.{d}' localhost:{p}/         # 503 not ready\n\
-         \x20 curl localhost:9090/metrics\n\
+         \x20 curl -s localhost:9090/metrics | grep -E 'fast_path_routes|outcome=\"routed'   # hosts Envoy now routes alone; what ext_proc routed\n\
          \x20 KUBECONFIG=.run/kubeconfig kubectl get pods --show-labels\n\
          \x20 KUBECONFIG=.run/kubeconfig kubectl get pods -w -L sandgate.dev/phase   # demo-pod-5 is released after 30 s idle\n\
          \x20 curl localhost:9091/metrics                                     # the controller's ticks and releases\n\

@@ -231,3 +231,44 @@ fn with_the_fast_path_off_envoy_is_answered_emptied_and_never_told_routes_are_va
     assert!(s.validity(now, false).is_none());
     assert!(!s.is_valid());
 }
+
+#[test]
+fn envoy_has_applied_the_table_once_it_acknowledges_the_push_that_carried_it() {
+    let now = Instant::now();
+    let mut table = HotTable::new(10);
+    let mut s = Session::new(template(), TTL, true);
+    // Not subscribed to hot routes: holds none, so it holds nothing stale either.
+    assert_eq!(s.applied(), u64::MAX);
+    s.on_request(subscribe(VIRTUAL_HOST_TYPE, &[("sandboxes/old", "x")]), now)
+        .unwrap();
+    // Subscribed with routes from an earlier stream: nothing is confirmed yet.
+    assert_eq!(s.applied(), 0);
+    hot(&mut table, "a.example", "sbx-a", "10.0.0.1:80");
+    let (first, _) = s.push(&table, now).unwrap();
+    hot(&mut table, "b.example", "sbx-b", "10.0.0.2:80");
+    // The second change waits for the first push's answer.
+    assert!(s.push(&table, now).is_none());
+    assert_eq!(s.applied(), 0);
+    s.on_request(ack(VIRTUAL_HOST_TYPE, &first.nonce), now)
+        .unwrap();
+    assert_eq!(s.applied(), 1);
+    let (second, _) = s.push(&table, now).unwrap();
+    s.on_request(ack(VIRTUAL_HOST_TYPE, &second.nonce), now)
+        .unwrap();
+    assert_eq!(s.applied(), table.cursor());
+    // A change that cancels out needs no push, and Envoy already holds the result.
+    table.set("b.example", None);
+    hot(&mut table, "b.example", "sbx-b", "10.0.0.2:80");
+    assert!(s.push(&table, now).is_none());
+    assert_eq!(s.applied(), table.cursor());
+    // A rejected push never counts as applied.
+    table.set("a.example", None);
+    let (third, _) = s.push(&table, now).unwrap();
+    let mut nack = ack(VIRTUAL_HOST_TYPE, &third.nonce);
+    nack.error_detail = Some(RpcStatus {
+        message: "bad".into(),
+        ..Default::default()
+    });
+    assert!(s.on_request(nack, now).is_err());
+    assert!(s.applied() < table.cursor());
+}
