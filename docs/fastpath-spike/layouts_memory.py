@@ -1,6 +1,7 @@
 """Envoy memory per hot host when routes arrive in steps (file-based RDS, not VHDS: no VHDS proto copies).
 
   python3 docs/fastpath-spike/layouts_memory.py vhost 10000 40    # a virtual host per host
+  python3 docs/fastpath-spike/layouts_memory.py bare 10000 40     # the same, its route bare (no header, no gate)
   python3 docs/fastpath-spike/layouts_memory.py comp 10000 40     # 16 shards, composite map, 3 metadata fields
   python3 docs/fastpath-spike/layouts_memory.py comp 10000 40 one # the same with one field
 Prints heap in use and RSS growth per host after the last step (memory release on, RSS settled).
@@ -27,20 +28,18 @@ def dest(i):
     return f"10.{i // 65536}.{(i // 256) % 256}.{i % 256}:49983"
 
 
-def per_host(n):
-    return [
-        {
-            "name": f"sandboxes/{host(i)}",
-            "domains": [host(i)],
-            "routes": [{
-                "name": f"sbx-{i:06d}abcdefgh",
-                "match": dict(prefix="/", **VALID),
-                "route": {"cluster": "fast", "timeout": "0s"},
-                "request_headers_to_add": [sets_header("x-sandgate-destination", dest(i))],
-            }],
+def per_host(n, bare):
+    def route(i):
+        if bare:
+            return {"match": {"prefix": "/"}, "route": {"cluster": "fast", "timeout": "0s"}}
+        return {
+            "name": f"sbx-{i:06d}abcdefgh",
+            "match": dict(prefix="/", **VALID),
+            "route": {"cluster": "fast", "timeout": "0s"},
+            "request_headers_to_add": [sets_header("x-sandgate-destination", dest(i))],
         }
-        for i in range(n)
-    ]
+
+    return [{"name": f"sandboxes/{host(i)}", "domains": [host(i)], "routes": [route(i)]} for i in range(n)]
 
 
 def shards(n, one_field, count=16):
@@ -77,7 +76,8 @@ def write(path, vhosts, version):
 def main(design, n, steps, one_field):
     admin_port, rds = free_port(), "/tmp/sandgate-layouts-rds.json"
     write(rds, [], 0)
-    if design == "vhost":
+    per_host_design = design in ("vhost", "bare")
+    if per_host_design:
         dst = {"use_http_header": True, "http_header_name": "x-sandgate-destination"}
     else:
         dst = {"metadata_key": {"key": "envoy.lb", "path": [{"key": "x-sandbox-destination"}]}}
@@ -89,7 +89,7 @@ def main(design, n, steps, one_field):
             "clusters": [original_dst(dst)],
             "listeners": [listener(
                 free_port(),
-                [] if design == "vhost" else [COMPOSITE],
+                [] if per_host_design else [COMPOSITE],
                 rds={"route_config_name": "sandboxes",
                      "config_source": {"path_config_source": {"path": rds}, "resource_api_version": "V3"}},
             )],
@@ -103,7 +103,8 @@ def main(design, n, steps, one_field):
         for step in range(1, steps + 1):
             before = envoy.counter(UPDATES)
             count = n * step // steps
-            write(rds, per_host(count) if design == "vhost" else shards(count, one_field), step)
+            vhosts = per_host(count, design == "bare") if per_host_design else shards(count, one_field)
+            write(rds, vhosts, step)
             while envoy.counter(UPDATES) <= before:  # applied: Envoy counted the update
                 envoy.check_alive()
                 time.sleep(0.02)
