@@ -91,6 +91,40 @@ def shard_matcher(entries):
     }
 
 
+def pod_addr(i, port):
+    """A distinct pod address for host number `i`."""
+    return f"10.{i // 65536}.{(i // 256) % 256}.{i % 256}:{port}"
+
+
+# ORIGINAL_DST reading the pod from `envoy.lb` metadata (what set_metadata writes).
+READS_METADATA = {"metadata_key": {"key": "envoy.lb", "path": [{"key": "x-sandbox-destination"}]}}
+ROUTE = {"cluster": "fast", "timeout": "0s"}
+
+
+def per_host_vhost(name, domain, route_name, header, dest, match):
+    """A virtual host for one hot host: its one route sets the pod in `header`."""
+    route = {"match": match, "route": ROUTE, "request_headers_to_add": [sets_header(header, dest)]}
+    if route_name:
+        route["name"] = route_name
+    return {"name": name, "domains": [domain], "routes": [route]}
+
+
+def shard_vhosts(n, count, host, pod_filter, match, prefix=""):
+    """Hosts 0..n in `count` shard virtual hosts (host i in shard i % count): one route each, and
+    a composite map from each host to the filter `pod_filter(i)` runs for it."""
+    out = []
+    for k in range(count):
+        ids = range(k, n, count)
+        if ids:
+            out.append({
+                "name": f"{prefix}hot-{k}",
+                "domains": [host(i) for i in ids],
+                "routes": [{"match": match, "route": ROUTE}],
+                "typed_per_filter_config": shard_matcher((host(i), pod_filter(i)) for i in ids),
+            })
+    return out
+
+
 def set_metadata(fields):
     return {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.set_metadata.v3.Config",

@@ -12,8 +12,8 @@ import sys
 import time
 
 from layouts_common import (
-    CATCH_ALL_404, COMPOSITE, Envoy, admin, free_port, gate, listener, original_dst,
-    set_metadata, sets_header, shard_matcher,
+    CATCH_ALL_404, COMPOSITE, READS_METADATA, ROUTE, Envoy, admin, free_port, gate, listener,
+    original_dst, per_host_vhost, pod_addr, set_metadata, shard_vhosts,
 )
 
 VALID = gate(0, "sandgate.fast_path.valid")
@@ -25,41 +25,30 @@ def host(i):
 
 
 def dest(i):
-    return f"10.{i // 65536}.{(i // 256) % 256}.{i % 256}:49983"
+    return pod_addr(i, 49983)
 
 
 def per_host(n, bare):
-    def route(i):
-        if bare:
-            return {"match": {"prefix": "/"}, "route": {"cluster": "fast", "timeout": "0s"}}
-        return {
-            "name": f"sbx-{i:06d}abcdefgh",
-            "match": dict(prefix="/", **VALID),
-            "route": {"cluster": "fast", "timeout": "0s"},
-            "request_headers_to_add": [sets_header("x-sandgate-destination", dest(i))],
-        }
+    if bare:
+        return [
+            {"name": f"sandboxes/{host(i)}", "domains": [host(i)], "routes": [{"match": {"prefix": "/"}, "route": ROUTE}]}
+            for i in range(n)
+        ]
+    return [
+        per_host_vhost(f"sandboxes/{host(i)}", host(i), f"sbx-{i:06d}abcdefgh", "x-sandgate-destination", dest(i),
+                       dict(prefix="/", **VALID))
+        for i in range(n)
+    ]
 
-    return [{"name": f"sandboxes/{host(i)}", "domains": [host(i)], "routes": [route(i)]} for i in range(n)]
 
-
-def shards(n, one_field, count=16):
+def shards(n, one_field):
     def pod(i):
         fields = {"x-sandbox-destination": dest(i)}
         if not one_field:
             fields.update({"sandbox-id": f"sbx-{i:06d}abcdefgh", "port": "49983"})
         return set_metadata(fields)
 
-    out = []
-    for k in range(count):
-        ids = [i for i in range(n) if i % count == k]
-        if ids:
-            out.append({
-                "name": f"sandboxes/hot-{k}",
-                "domains": [host(i) for i in ids],
-                "routes": [{"match": dict(prefix="/", **VALID), "route": {"cluster": "fast", "timeout": "0s"}}],
-                "typed_per_filter_config": shard_matcher((host(i), pod(i)) for i in ids),
-            })
-    return out
+    return shard_vhosts(n, 16, host, pod, dict(prefix="/", **VALID), prefix="sandboxes/")
 
 
 def write(path, vhosts, version):
@@ -80,7 +69,7 @@ def main(design, n, steps, one_field):
     if per_host_design:
         dst = {"use_http_header": True, "http_header_name": "x-sandgate-destination"}
     else:
-        dst = {"metadata_key": {"key": "envoy.lb", "path": [{"key": "x-sandbox-destination"}]}}
+        dst = READS_METADATA
     config = {
         "node": {"id": "n", "cluster": "c"},
         "admin": admin(admin_port),

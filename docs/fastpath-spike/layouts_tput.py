@@ -16,11 +16,12 @@ import subprocess
 import sys
 
 from layouts_common import (
-    CATCH_ALL_404, COMPOSITE, Envoy, admin, free_port, gate, listener, original_dst,
-    set_metadata, sets_header, shard_matcher,
+    CATCH_ALL_404, COMPOSITE, READS_METADATA, ROUTE, Envoy, admin, free_port, gate, listener,
+    original_dst, per_host_vhost, pod_addr, set_metadata, sets_header, shard_vhosts,
 )
 
 N, HOT, SHARDS = 10000, 1000, 32
+UP = free_port()  # the upstream Envoy every variant sends to
 VALID = gate(100)
 DEST_HEADER = "x-sandgate-destination"
 
@@ -30,7 +31,7 @@ def host(i):
 
 
 def dest(i):
-    return f"127.0.0.1:{UP}" if i < HOT else f"10.{i // 65536}.{(i // 256) % 256}.{i % 256}:{UP}"
+    return f"127.0.0.1:{UP}" if i < HOT else pod_addr(i, UP)
 
 
 def pod_filter(v, i):
@@ -52,39 +53,17 @@ def pod_filter(v, i):
 
 
 def variant(v, port):
-    route = {"cluster": "fast", "timeout": "0s"}
     if v == "direct":
-        vhosts = [{"name": "all", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": route}]}]
+        vhosts = [{"name": "all", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": ROUTE}]}]
         return [original_dst({"use_http_header": True})], listener(port, [], {"name": "r", "virtual_hosts": vhosts})
     if v in ("vh", "vhnc"):
-        vhosts = [
-            {
-                "name": f"v{i}",
-                "domains": [host(i)],
-                "routes": [{
-                    "match": dict(prefix="/", **VALID),
-                    "route": route,
-                    "request_headers_to_add": [sets_header(DEST_HEADER, dest(i))],
-                }],
-            }
-            for i in range(N)
-        ]
+        vhosts = [per_host_vhost(f"v{i}", host(i), None, DEST_HEADER, dest(i), dict(prefix="/", **VALID))
+                  for i in range(N)]
         cluster = original_dst({"use_http_header": True, "http_header_name": DEST_HEADER})
         filters = [COMPOSITE] if v == "vh" else []
         return [cluster], listener(port, filters, {"name": "r", "virtual_hosts": vhosts + [CATCH_ALL_404]})
-    vhosts = []
-    for k in range(SHARDS):
-        ids = [i for i in range(N) if i % SHARDS == k]
-        vhosts.append({
-            "name": f"hot-{k}",
-            "domains": [host(i) for i in ids],
-            "routes": [{"match": dict(prefix="/", **VALID), "route": route}],
-            "typed_per_filter_config": shard_matcher((host(i), pod_filter(v, i)) for i in ids),
-        })
-    reads = {
-        "cm": {"metadata_key": {"key": "envoy.lb", "path": [{"key": "x-sandbox-destination"}]}},
-        "fs": {},
-    }.get(v, {"use_http_header": True, "http_header_name": DEST_HEADER})
+    vhosts = shard_vhosts(N, SHARDS, host, lambda i: pod_filter(v, i), dict(prefix="/", **VALID))
+    reads = {"cm": READS_METADATA, "fs": {}}.get(v, {"use_http_header": True, "http_header_name": DEST_HEADER})
     return [original_dst(reads)], listener(port, [COMPOSITE], {"name": "r", "virtual_hosts": vhosts + [CATCH_ALL_404]})
 
 
@@ -128,6 +107,5 @@ def main(variants, rounds):
         print(v, f"median {median:.0f}", f"vs direct {median / direct:.3f}")
 
 
-UP = free_port()
 if __name__ == "__main__":
     main(sys.argv[1].split(","), int(sys.argv[2]) if len(sys.argv) > 2 else 3)
