@@ -320,7 +320,9 @@ async fn a_claim_on_an_empty_pool_waits_with_a_reason_then_binds() {
     let c = cluster().await;
     create_pool(&c, "empty", 0, "1h").await;
     claim(&c, "c1", "empty").await;
-    let reason = eventually(5 * SEC, || async {
+    // The controller may see the claim before the pool reaches its cache (a moment of
+    // PoolNotFound, looked at again every 2 s); the reason it settles on is the empty pool.
+    eventually(5 * SEC, || async {
         let s = claims(&c)
             .get("c1")
             .await
@@ -328,12 +330,11 @@ async fn a_claim_on_an_empty_pool_waits_with_a_reason_then_binds() {
             .status
             .unwrap_or_default();
         match s.conditions.first() {
-            Some(cond) if s.phase == ClaimPhase::Pending => Ok(cond.reason.clone()),
-            _ => Err(format!("{:?} without a condition", s.phase)),
+            Some(cond) if s.phase == ClaimPhase::Pending && cond.reason == "NoIdlePod" => Ok(()),
+            cond => Err(format!("{:?}, condition {cond:?}", s.phase)),
         }
     })
     .await;
-    assert_eq!(reason, "NoIdlePod");
     scale(&c, "empty", 1).await;
     until_claim(&c, "c1", ClaimPhase::Bound, 10 * SEC).await;
     let s = claims(&c).get("c1").await.unwrap().status.unwrap();
