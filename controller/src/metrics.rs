@@ -24,7 +24,7 @@ pub struct Metrics {
     pub annotation_write_errors: Counter,
     pub annotation_backlog: Gauge,
     pub replicas_polled: Counter,
-    /// reason: failed, timeout, not_warm
+    /// reason: failed, timeout, not_warm, incomplete
     pub replicas_failed: Family<Labels, Counter>,
     pub sandboxes_tracked: Gauge,
     pub next_release_seconds: Gauge,
@@ -90,7 +90,7 @@ impl Metrics {
         );
         r.register(
             "replicas_failed",
-            "extproc replicas that failed a poll, by reason (label: failed, timeout, not_warm)",
+            "extproc replicas that failed a poll, by reason (label: failed, timeout, not_warm, incomplete)",
             m.replicas_failed.clone(),
         );
         r.register(
@@ -108,6 +108,16 @@ impl Metrics {
             "1 while this replica holds the lease",
             m.leader.clone(),
         );
+        // Every series exists from the start, so a rate over it is defined before its first event.
+        for label in ["ok", "skipped_partial", "failed"] {
+            let _ = m.ticks.get_or_create(&Labels { label });
+        }
+        for label in ["conflict", "error"] {
+            let _ = m.releases_skipped.get_or_create(&Labels { label });
+        }
+        for label in crate::poller::PollError::LABELS {
+            let _ = m.replicas_failed.get_or_create(&Labels { label });
+        }
         m
     }
 

@@ -47,6 +47,9 @@ pub enum PollError {
     Failed(String),
     TimedOut,
     NotWarm,
+    /// The replica answered, but some of what its Envoys routed has not been seen (an Envoy
+    /// holding hot routes whose counters it cannot read); the reason is the replica's.
+    Incomplete(String),
 }
 
 impl PollError {
@@ -55,14 +58,23 @@ impl PollError {
             PollError::Failed(_) => "failed",
             PollError::TimedOut => "timeout",
             PollError::NotWarm => "not_warm",
+            PollError::Incomplete(_) => "incomplete",
         }
+    }
+
+    /// Every label, so each series is exported from the start.
+    pub const LABELS: [&'static str; 4] = ["failed", "timeout", "not_warm", "incomplete"];
+
+    /// Whether the replica answered: what it reported is still activity it saw.
+    fn answered(&self) -> bool {
+        matches!(self, PollError::NotWarm | PollError::Incomplete(_))
     }
 }
 
 /// One tick's poll of every replica.
 #[derive(Debug, Default)]
 pub struct PollResult {
-    /// Every replica answered and was warm.
+    /// Every replica answered, warm and with a complete view.
     pub complete: bool,
     pub polled: usize,
     pub failed: Vec<(ReplicaAddr, PollError)>,
@@ -196,10 +208,16 @@ impl Poller {
                             report_time(received, Duration::from_millis(s.idle_ms), s.open_streams);
                         r.known.insert(s.sandbox_id, (t, s.open_streams));
                     }
-                    if resp.warm {
-                        Ok(())
-                    } else {
+                    if !resp.warm {
                         Err(PollError::NotWarm)
+                    } else if !resp.complete {
+                        Err(PollError::Incomplete(if resp.incomplete_reason.is_empty() {
+                            "the replica does not say its view is complete (too old for this controller?)".into()
+                        } else {
+                            resp.incomplete_reason
+                        }))
+                    } else {
+                        Ok(())
                     }
                 }
             };
@@ -211,15 +229,18 @@ impl Poller {
             ..Default::default()
         };
         for (addr, res, received) in answers {
-            match res {
-                Ok(()) => {
-                    let r = &self.replicas[&addr];
-                    for (id, (t, open)) in &r.known {
-                        // A stream still open is activity now, even if nothing changed since.
-                        let t = if *open > 0 { received } else { *t };
-                        out.activity.entry(id.clone()).or_default().push(t);
-                    }
+            // A replica that answered, even with a partial view, saw what it reports: it can only
+            // make a sandbox busier.
+            if res.as_ref().map_or_else(PollError::answered, |()| true) {
+                let r = &self.replicas[&addr];
+                for (id, (t, open)) in &r.known {
+                    // A stream still open is activity now, even if nothing changed since.
+                    let t = if *open > 0 { received } else { *t };
+                    out.activity.entry(id.clone()).or_default().push(t);
                 }
+            }
+            match res {
+                Ok(()) => {}
                 Err(e) => {
                     if matches!(e, PollError::Failed(_) | PollError::TimedOut) {
                         // Start over with a full report next time.

@@ -1,5 +1,9 @@
 //! The control API server (`sandgate.control.v1.Control`), polled by sandgate-controller.
 //! Every call must carry `authorization: Bearer <token>`, compared in constant time.
+//!
+//! A report never makes a sandbox look idler than what was seen: idle times are counted only up
+//! to the last reading of every Envoy holding hot routes, and the report says it is incomplete
+//! once that reading is older than the fast path's staleness bound.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +17,7 @@ use subtle::ConstantTimeEq;
 use tonic::{Request, Response, Status};
 
 use crate::activity::ActivityTable;
-use crate::fastpath::FastPath;
+use crate::fastpath::{Completeness, FastPath};
 use crate::index::SandboxKey;
 use crate::resolver::Resolver;
 
@@ -84,6 +88,17 @@ impl Control for ControlApi {
         let snap = tokio::task::spawn_blocking(move || activity.snapshot(cursor))
             .await
             .map_err(|e| Status::internal(format!("snapshot failed: {e}")))?;
+        // Read after the snapshot, so the gap it names covers every idle time in it.
+        let view = match &self.fast {
+            Some(fast) => fast.completeness(std::time::Instant::now()),
+            None => Completeness {
+                lag: Duration::ZERO,
+                incomplete: None,
+            },
+        };
+        if let Some(why) = &view.incomplete {
+            tracing::warn!(reason = %why, "activity report incomplete: the controller releases nothing while it is");
+        }
         Ok(Response::new(GetLastActiveResponse {
             replica: self.replica.clone(),
             boot_id: self.boot_id.clone(),
@@ -95,10 +110,13 @@ impl Control for ControlApi {
                 .into_iter()
                 .map(|r| SandboxActivity {
                     sandbox_id: r.id.as_str().to_string(),
-                    idle_ms: r.idle.as_millis() as u64,
+                    // Requests in the gap are not known yet: count it as activity.
+                    idle_ms: r.idle.saturating_sub(view.lag).as_millis() as u64,
                     open_streams: r.open_streams,
                 })
                 .collect(),
+            complete: view.incomplete.is_none(),
+            incomplete_reason: view.incomplete.unwrap_or_default(),
         }))
     }
 

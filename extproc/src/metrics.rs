@@ -175,6 +175,7 @@ pub struct FastPathMetrics {
     pub evicted: Counter,
     pub streams: Gauge,
     pub valid_streams: Gauge,
+    pub unobserved_streams: Gauge,
     pub pushes: Counter,
     pub pushed_upserts: Counter,
     pub pushed_removals: Counter,
@@ -210,6 +211,11 @@ impl FastPathMetrics {
             reg,
             "valid_streams",
             "ADS streams whose Envoy is told its hot routes are valid (0 means every request goes through ext_proc)",
+        );
+        let unobserved_streams = gauge(
+            reg,
+            "unobserved_streams",
+            "ADS streams whose Envoy's counters are not being read: they get no hot routes (every request of theirs goes through ext_proc)",
         );
         let evicted = counter(
             reg,
@@ -259,6 +265,7 @@ impl FastPathMetrics {
             evicted,
             streams,
             valid_streams,
+            unobserved_streams,
             pushes,
             pushed_upserts: result(&pushes_by, "upsert"),
             pushed_removals: result(&pushes_by, "removal"),

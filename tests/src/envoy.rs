@@ -18,6 +18,9 @@ pub struct EnvoyPorts {
     pub access_log_flush: String,
     /// How long a sandbox may take to start its response (the route's per-try timeout).
     pub upstream_headers_timeout: String,
+    /// Whether the node metadata names Envoy's admin address for sandgate-extproc (the shipped
+    /// configs do); without it the extproc falls back to its `--envoy-admin`.
+    pub advertise_admin: bool,
 }
 
 impl EnvoyPorts {
@@ -30,6 +33,7 @@ impl EnvoyPorts {
             admin_port: 9901,
             access_log_flush: "30s".into(),
             upstream_headers_timeout: "300s".into(),
+            advertise_admin: true,
         }
     }
     /// `make run`: everything on loopback.
@@ -41,6 +45,7 @@ impl EnvoyPorts {
             admin_port: 9901,
             access_log_flush: "30s".into(),
             upstream_headers_timeout: "300s".into(),
+            advertise_admin: true,
         }
     }
 }
@@ -51,8 +56,16 @@ pub fn template() -> String {
 }
 
 pub fn render(p: &EnvoyPorts) -> String {
-    template()
-        .replace("{{LISTEN_ADDR}}", &p.listen_addr)
+    let mut t = template();
+    if !p.advertise_admin {
+        let line = t
+            .lines()
+            .find(|l| l.contains("sandgate.envoy_admin"))
+            .expect("the bootstrap advertises its admin address")
+            .to_string();
+        t = t.replace(&line, "  metadata: {}");
+    }
+    t.replace("{{LISTEN_ADDR}}", &p.listen_addr)
         .replace("{{LISTEN_PORT}}", &p.listen_port.to_string())
         .replace("{{EXTPROC_PORT}}", &p.extproc_port.to_string())
         .replace("{{ADMIN_PORT}}", &p.admin_port.to_string())

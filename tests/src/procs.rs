@@ -378,3 +378,43 @@ pub fn dump_logs(dir: &Path) {
         }
     }
 }
+
+/// A TCP forwarder from a loopback port to `target` that can be cut: while off, it closes every
+/// connection at once (a port that refuses to serve), and drops the ones it forwards.
+pub struct Switch {
+    pub addr: std::net::SocketAddr,
+    on: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Switch {
+    pub async fn start(target: std::net::SocketAddr) -> Switch {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let on = std::sync::Arc::new(tokio::sync::watch::channel(true).0);
+        let state = on.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !*state.borrow() {
+                    continue; // dropped: closed at once
+                }
+                let mut cut = state.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut upstream) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+                        _ = cut.wait_for(|on| !on) => {}
+                    }
+                });
+            }
+        });
+        Switch { addr, on }
+    }
+
+    pub fn set(&self, on: bool) {
+        self.on.send_replace(on);
+    }
+}

@@ -192,6 +192,7 @@ pub async fn start_gateway(
         admin_port: envoy_admin,
         access_log_flush: access_log_flush.into(),
         upstream_headers_timeout: "3s".into(),
+        advertise_admin: true,
     };
     let envoy = Envoy::start(dir, ports).await.expect("envoy");
     extproc.wait_ready(Duration::from_secs(40)).await;

@@ -103,6 +103,11 @@ impl LifecycleMetrics {
             "Pool pod creates by outcome (label=created|refused)",
             m.pod_creates.clone(),
         );
+        for label in ["created", "refused"] {
+            let _ = m
+                .pod_creates
+                .get_or_create(&crate::metrics::Labels { label });
+        }
         m
     }
 }

@@ -1,17 +1,12 @@
-//! Activity on hot routes, from the per-host counters Envoy keeps for every ORIGINAL_DST host.
+//! Activity on hot routes, from the per-host counters Envoy keeps for every ORIGINAL_DST host
+//! (`GET /clusters` on its admin port; [`super::observe`] reads it for each Envoy).
 //!
-//! Requests on hot routes never reach sandgate, so every `--fast-path-activity-interval` the
-//! extproc reads its Envoy's `GET /clusters` (admin, loopback) and touches the sandbox of every
-//! destination whose request count moved or that has a request open (`rq_active`: a silent
-//! WebSocket or SSE stream keeps its sandbox busy). The first reading after a start is only a
-//! baseline: counters from before are not activity. A touch is stamped with the reading's time,
-//! at most one interval late, which can only make a sandbox look busier, never idler.
+//! A destination was used between two readings when its request count moved or a request is
+//! open on it (`rq_active`: a silent WebSocket or SSE stream keeps its sandbox busy). The first
+//! reading of a stream is only a baseline: counters from before are not activity. Pure.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-
-use super::FastPath;
 
 /// One host's counters in one reading.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -72,58 +67,6 @@ pub fn used(
         })
         .map(|(addr, _)| *addr)
         .collect()
-}
-
-/// Reads Envoy's counters every interval and touches the sandboxes of used destinations.
-pub async fn poll(fast: Arc<FastPath>) {
-    let mut every = tokio::time::interval(fast.config.activity_interval);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut before: Option<HashMap<SocketAddr, HostCounters>> = None;
-    let mut failing = false;
-    loop {
-        tokio::select! {
-            _ = every.tick() => {}
-            _ = fast.shutdown.wait() => return,
-        }
-        let text = match crate::drain::admin(fast.config.envoy_admin, "GET", "/clusters").await {
-            Ok((200, text)) => text,
-            Ok((status, _)) => {
-                note_failure(&fast, &mut failing, &format!("status {status}"));
-                continue;
-            }
-            Err(e) => {
-                note_failure(&fast, &mut failing, &e.to_string());
-                continue;
-            }
-        };
-        if failing {
-            tracing::info!("envoy's host counters readable again");
-            failing = false;
-        }
-        fast.metrics.activity_polls_ok.inc();
-        let now = parse_hosts(&text, &fast.template.cluster);
-        let used = used(before.as_ref(), &now);
-        if !used.is_empty() {
-            let owners = fast.destinations();
-            for dest in used {
-                if let Some(key) = owners.get(&dest) {
-                    fast.activity.touch(*key);
-                    fast.metrics.activity_touches.inc();
-                }
-            }
-        }
-        before = Some(now);
-    }
-}
-
-fn note_failure(fast: &FastPath, failing: &mut bool, error: &str) {
-    fast.metrics.activity_polls_failed.inc();
-    if !*failing {
-        // Hot routes then go unseen: the controller keeps their sandboxes (its last-active only
-        // moves forward) until Envoy answers again or the routes' validity lapses.
-        tracing::warn!(envoy = %fast.config.envoy_admin, error, "cannot read envoy's host counters: activity on hot routes unseen");
-        *failing = true;
-    }
 }
 
 #[cfg(test)]

@@ -10,14 +10,20 @@
 //! 3. Each Envoy's ADS stream ([`ads`]) carries the table as VHDS virtual hosts, incrementally,
 //!    plus a validity flag with a TTL ([`session`]). Without the flag (sandgate dead, hung or
 //!    disconnected for a TTL) Envoy sends hot hosts through ext_proc again.
-//! 4. Activity on hot routes comes from Envoy's per-host counters ([`envoy_stats`]), read from
-//!    its admin API every `--fast-path-activity-interval`; long-lived requests still reach the
-//!    access-log stream, which names the sandbox by its route.
+//! 4. Activity on hot routes comes from each Envoy's per-host counters ([`envoy_stats`]), read
+//!    from its admin API every `--fast-path-activity-interval` by the stream's observer
+//!    ([`observe`]), which proves whose counters it read. An Envoy whose counters cannot be read
+//!    gets no hot routes (or loses them), so its requests go through ext_proc, which sees each
+//!    one; until it holds none, the replica reports its view as incomplete. Long-lived requests
+//!    still reach the access-log stream, which names the sandbox by its route.
 //!
-//! It must never put a destination in Envoy that the route index does not hold now.
+//! It must never put a destination in Envoy that the route index does not hold now, and never let
+//! a request go unseen: a sandbox's idleness is reported only as of the last reading of every
+//! Envoy that may have routed to it.
 
 pub mod ads;
 pub mod envoy_stats;
+pub mod observe;
 pub mod resources;
 pub mod session;
 pub mod table;
@@ -26,7 +32,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sandgate_shared::address::{AddressConfig, AddressForm, RequestParts};
 use tokio::sync::{watch, Notify};
@@ -59,17 +65,40 @@ pub struct FastPathConfig {
     pub batch: Duration,
     /// How often Envoy's per-host counters are read for activity.
     pub activity_interval: Duration,
-    /// Envoy's admin address (loopback, same pod).
+    /// The admin address of an Envoy that does not name its own in its node metadata
+    /// ([`observe::ADMIN_METADATA_KEY`]).
     pub envoy_admin: SocketAddr,
 }
 
-/// One ADS stream's place in the table's change log.
-#[derive(Debug, Clone, Copy)]
-struct StreamMark {
+impl FastPathConfig {
+    /// How old the last reading of an Envoy's counters may be before it loses its hot routes and
+    /// the replica's report turns incomplete: three reading intervals.
+    pub fn stale(&self) -> Duration {
+        self.activity_interval * 3
+    }
+}
+
+/// One ADS stream's place in the table's change log, and how far its Envoy has been seen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamMark {
     /// The oldest change it may still need.
-    needed: u64,
+    pub needed: u64,
     /// Every change up to this one is applied in its Envoy.
-    applied: u64,
+    pub applied: u64,
+    /// Every request its Envoy routed by a hot route before this was seen; `None` while it holds
+    /// no hot route.
+    pub seen_until: Option<Instant>,
+    /// Why its counters are not being read, while they are not.
+    pub unread: Option<String>,
+}
+
+/// How complete this replica's view of activity is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completeness {
+    /// How far back the least recently read Envoy with hot routes was seen (zero with none).
+    pub lag: Duration,
+    /// Set when `lag` is past the staleness bound: which stream, and why.
+    pub incomplete: Option<String>,
 }
 
 /// Hosts and sandboxes the sync task must look at.
@@ -151,7 +180,6 @@ impl FastPath {
             return;
         }
         tokio::spawn(self.clone().sync_loop());
-        tokio::spawn(envoy_stats::poll(self.clone()));
     }
 
     /// ext_proc routed a request for `sandbox` addressed by the host in `authority`: make the
@@ -190,14 +218,37 @@ impl FastPath {
         self.lock_pending().hosts.values().any(|k| k == key)
     }
 
-    /// Records where stream `id` is: the oldest table change it may still need, and the newest
-    /// its Envoy has applied.
-    fn note_stream(&self, id: u64, needed: u64, applied: u64) {
-        let mark = StreamMark { needed, applied };
+    /// Records where stream `id` is (see [`StreamMark`]).
+    fn note_stream(&self, id: u64, mark: StreamMark) {
+        let applied = mark.applied;
         let old = self.lock_streams().insert(id, mark);
         if old.is_none_or(|o| o.applied != applied) {
             self.applied.send_replace(());
         }
+    }
+
+    /// How complete the view of activity is at `now`: every Envoy holding hot routes must have
+    /// had its counters read within the staleness bound.
+    pub fn completeness(&self, now: Instant) -> Completeness {
+        let streams = self.lock_streams();
+        let oldest = streams
+            .iter()
+            .filter_map(|(id, m)| Some((m.seen_until?, id, m)))
+            .min_by_key(|(t, ..)| *t);
+        let Some((seen, id, mark)) = oldest else {
+            return Completeness {
+                lag: Duration::ZERO,
+                incomplete: None,
+            };
+        };
+        let lag = now.saturating_duration_since(seen);
+        let incomplete = (lag > self.config.stale()).then(|| {
+            format!(
+                "the envoy on hot-route stream {id} holds hot routes whose counters were last read {lag:?} ago ({})",
+                mark.unread.as_deref().unwrap_or("no reading yet")
+            )
+        });
+        Completeness { lag, incomplete }
     }
 
     fn forget_stream(&self, id: u64) {
@@ -335,14 +386,6 @@ impl FastPath {
     fn oldest_cursor(&self, current: u64) -> u64 {
         let streams = self.lock_streams();
         streams.values().map(|m| m.needed).min().unwrap_or(current)
-    }
-
-    /// Hot routes now, with the sandbox each destination belongs to (for activity).
-    pub fn destinations(&self) -> HashMap<SocketAddr, SandboxKey> {
-        self.lock_table()
-            .iter()
-            .map(|(_, r)| (r.dest, r.sandbox))
-            .collect()
     }
 
     /// Number of hot hosts.

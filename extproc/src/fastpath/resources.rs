@@ -5,11 +5,12 @@
 //!   cluster reads (overwriting anything the client sent). It needs no per-route filter config
 //!   (about 1.2 KB each in Envoy): the ext_proc filter is off by default and only the catch-all
 //!   virtual host turns it on. Its name is the sandbox ID, which the access logs read back.
-//! - One `Runtime` layer (RTDS) holding the validity flag, sent with a TTL and refreshed while
-//!   Envoy's copy of the table is known to be current. Every hot route matches only while the flag
-//!   is there: when sandgate stops refreshing it (dead, hung, disconnected, or a push not
-//!   acknowledged in time), Envoy drops the layer at the TTL and a hot host answers 503 with
-//!   `retry-after` until sandgate confirms its table again.
+//! - One `Runtime` layer (RTDS) per stream holding the validity flag and the stream's identity
+//!   token, sent with a TTL and refreshed every quarter of it. Every hot route matches only while
+//!   the flag is 100: when sandgate stops refreshing it (dead, hung, disconnected) Envoy drops the
+//!   layer at the TTL, and when a push is not acknowledged in time sandgate sends the flag as 0; a
+//!   hot host then answers 503 with `retry-after` until sandgate confirms its table again. The
+//!   token lets the stream's observer prove whose counters it reads ([`super::observe`]).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -119,15 +120,24 @@ pub fn version(dest: SocketAddr) -> String {
     dest.to_string()
 }
 
-/// The validity flag, valid for `ttl` unless sent again.
-pub fn validity(ttl: Duration, version: u64) -> Resource {
+/// A stream's runtime layer, kept by Envoy for `ttl` unless sent again: the validity flag (100
+/// while `valid`, else 0: no hot route matches) and the stream's identity token.
+pub fn runtime_layer(ttl: Duration, version: u64, valid: bool, token: &str) -> Resource {
     let layer = Struct {
-        fields: [(
-            VALID_KEY.to_string(),
-            Value {
-                kind: Some(Kind::NumberValue(100.0)),
-            },
-        )]
+        fields: [
+            (
+                VALID_KEY.to_string(),
+                Value {
+                    kind: Some(Kind::NumberValue(if valid { 100.0 } else { 0.0 })),
+                },
+            ),
+            (
+                super::observe::STREAM_KEY.to_string(),
+                Value {
+                    kind: Some(Kind::StringValue(token.to_string())),
+                },
+            ),
+        ]
         .into(),
     };
     Resource {
@@ -222,13 +232,19 @@ mod tests {
     }
 
     #[test]
-    fn the_validity_flag_carries_its_ttl() {
-        let r = validity(Duration::from_millis(1500), 7);
-        assert_eq!((r.name.as_str(), r.version.as_str()), (RUNTIME_LAYER, "7"));
-        let ttl = r.ttl.unwrap();
-        assert_eq!((ttl.seconds, ttl.nanos), (1, 500_000_000));
-        let rt = Runtime::decode(r.resource.unwrap().value.as_slice()).unwrap();
-        let v = &rt.layer.unwrap().fields[VALID_KEY];
-        assert_eq!(v.kind, Some(Kind::NumberValue(100.0)));
+    fn the_runtime_layer_carries_its_ttl_the_flag_and_the_stream_token() {
+        for (valid, flag) in [(true, 100.0), (false, 0.0)] {
+            let r = runtime_layer(Duration::from_millis(1500), 7, valid, "tok");
+            assert_eq!((r.name.as_str(), r.version.as_str()), (RUNTIME_LAYER, "7"));
+            let ttl = r.ttl.unwrap();
+            assert_eq!((ttl.seconds, ttl.nanos), (1, 500_000_000));
+            let rt = Runtime::decode(r.resource.unwrap().value.as_slice()).unwrap();
+            let fields = rt.layer.unwrap().fields;
+            assert_eq!(fields[VALID_KEY].kind, Some(Kind::NumberValue(flag)));
+            assert_eq!(
+                fields[super::super::observe::STREAM_KEY].kind,
+                Some(Kind::StringValue("tok".into()))
+            );
+        }
     }
 }

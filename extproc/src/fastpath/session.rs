@@ -6,24 +6,30 @@
 //!   removal of everything it holds that is not current (after a restart of either side, Envoy
 //!   names what it holds in `initial_resource_versions`). Later pushes carry only what changed.
 //!   One push is in flight at a time; the next waits for its acknowledgement.
-//! - **Runtime** (RTDS): the validity flag, sent with a TTL and refreshed every quarter TTL while
-//!   the first push has been acknowledged and no push has waited longer than
-//!   [`UNACKNOWLEDGED_TTLS`] TTLs. It is withdrawn at once when that stops being true, and on a
-//!   rejected push. (A push is slow to be acknowledged mostly while Envoy rebuilds its route
-//!   table, about 0.15–0.5 s at 10 000 hot routes here: Envoy applies the stream in order, so
-//!   withdrawing the flag sooner would change nothing before the push itself applies, and would
-//!   only make a large table flap.)
+//! - **Runtime** (RTDS): one layer holding the validity flag and the stream's identity token,
+//!   sent with a TTL and refreshed every quarter TTL. The flag is on while the first push has
+//!   been acknowledged and no push has waited longer than [`UNACKNOWLEDGED_TTLS`] TTLs; it is
+//!   turned off at once when that stops being true, and the layer is removed on a rejected push.
+//!   (A push is slow to be acknowledged mostly while Envoy rebuilds its route table, about
+//!   0.15–0.5 s at 10 000 hot routes here: Envoy applies the stream in order, so withdrawing the
+//!   flag sooner would change nothing before the push itself applies, and would only make a
+//!   large table flap.)
+//!
+//! Hot routes go only to a stream that is serving ([`Session::set_serving`]): one whose Envoy's
+//! counters are being read. A stream that stops serving has every hot route removed.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+
+use crate::index::SandboxKey;
 
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse,
 };
 
 use super::resources::{self, RouteTemplate, RUNTIME_LAYER, RUNTIME_TYPE, VIRTUAL_HOST_TYPE};
-use super::table::{Changes, HotTable};
+use super::table::{Changes, HotRoute, HotTable};
 
 /// How many TTLs a push may wait for its acknowledgement before the flag is withdrawn.
 pub const UNACKNOWLEDGED_TTLS: u32 = 5;
@@ -69,13 +75,21 @@ pub struct Session {
     ttl: Duration,
     /// Whether hot routes may be sent at all (`--fast-path`); without it the stream only answers.
     enabled: bool,
+    /// Whether this stream's Envoy may hold hot routes now: its counters are being read
+    /// ([`super::observe`]). Without it, everything it holds is removed.
+    serving: bool,
+    /// The next push compares everything (serving changed).
+    resync: bool,
+    /// This stream's identity, in its runtime layer, so a reading of an Envoy's counters can
+    /// prove which Envoy it read.
+    token: String,
     nonce: u64,
     // VHDS
     vhds_subscribed: bool,
     /// What Envoy said it held when it subscribed, until the first push answers it.
     initial: Option<HashMap<String, String>>,
-    /// What Envoy holds once the push in flight applies: host → destination.
-    sent: HashMap<String, SocketAddr>,
+    /// What Envoy holds once the push in flight applies.
+    sent: HashMap<String, HotRoute>,
     cursor: u64,
     /// The table cursor Envoy has confirmed applying.
     applied: u64,
@@ -89,11 +103,19 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(template: std::sync::Arc<RouteTemplate>, ttl: Duration, enabled: bool) -> Self {
+    pub fn new(
+        template: std::sync::Arc<RouteTemplate>,
+        ttl: Duration,
+        enabled: bool,
+        token: String,
+    ) -> Self {
         Session {
             template,
             ttl,
             enabled,
+            serving: false,
+            resync: false,
+            token,
             nonce: 0,
             vhds_subscribed: false,
             initial: None,
@@ -119,14 +141,44 @@ impl Session {
         self.valid_sent
     }
 
+    /// Lets this stream's Envoy hold hot routes, or takes them all away. Returns whether that
+    /// changed (a push is then due).
+    pub fn set_serving(&mut self, serving: bool) -> bool {
+        if self.serving == serving {
+            return false;
+        }
+        self.serving = serving;
+        self.resync = true;
+        true
+    }
+
+    pub fn is_serving(&self) -> bool {
+        self.serving
+    }
+
+    /// Whether Envoy holds no hot route, and will not once the push in flight applies: nothing
+    /// sent, nothing in flight, nothing left from before the stream.
+    pub fn holds_nothing(&self) -> bool {
+        self.sent.is_empty()
+            && self.in_flight.is_none()
+            && self.initial.as_ref().is_none_or(HashMap::is_empty)
+    }
+
+    /// The destinations of the hot routes Envoy holds (or will, once the push in flight
+    /// applies), with their sandboxes.
+    pub fn held_destinations(&self) -> HashMap<SocketAddr, SandboxKey> {
+        self.sent.values().map(|r| (r.dest, r.sandbox)).collect()
+    }
+
     /// The table cursor of the last push.
     pub fn cursor(&self) -> u64 {
         self.cursor
     }
 
-    /// The oldest table change this stream may still need (`u64::MAX`: none).
+    /// The oldest table change this stream may still need (`u64::MAX`: none; a stream that
+    /// starts serving again compares everything).
     pub fn needed(&self) -> u64 {
-        if !self.vhds_subscribed || !self.enabled {
+        if !self.vhds_subscribed || !self.enabled || !self.serving {
             u64::MAX
         } else {
             self.cursor
@@ -134,9 +186,10 @@ impl Session {
     }
 
     /// The table cursor this stream's Envoy holds every change up to: nothing it holds is older.
-    /// `u64::MAX` when it takes no hot routes (not subscribed, or the fast path is off).
+    /// `u64::MAX` when it takes no hot routes (not subscribed, the fast path is off, or not
+    /// serving and holding nothing).
     pub fn applied(&self) -> u64 {
-        if !self.vhds_subscribed || !self.enabled {
+        if !self.vhds_subscribed || !self.enabled || (!self.serving && self.holds_nothing()) {
             u64::MAX
         } else {
             self.applied
@@ -233,15 +286,17 @@ impl Session {
                     .template
                     .host_of(&name)
                     .and_then(|host| Some((host, table.get(host)?)))
-                    .filter(|_| self.enabled);
+                    .filter(|_| self.enabled && self.serving);
                 match current {
                     Some((host, r)) if resources::version(r.dest) == version => {
-                        self.sent.insert(host.to_string(), r.dest);
+                        self.sent.insert(host.to_string(), r);
                     }
                     Some(_) => {}
                     None => removed.push(name),
                 }
             }
+            self.diff_all(table, &mut resources, &mut removed);
+        } else if std::mem::take(&mut self.resync) {
             self.diff_all(table, &mut resources, &mut removed);
         } else {
             match table.changed_since(self.cursor) {
@@ -289,7 +344,7 @@ impl Session {
         removed: &mut Vec<String>,
     ) {
         let mut hosts: Vec<String> = self.sent.keys().cloned().collect();
-        if self.enabled {
+        if self.enabled && self.serving {
             hosts.extend(table.iter().map(|(h, _)| h.to_string()));
         }
         hosts.sort_unstable();
@@ -306,12 +361,12 @@ impl Session {
         resources: &mut Vec<envoy_types::pb::envoy::service::discovery::v3::Resource>,
         removed: &mut Vec<String>,
     ) {
-        let want = table.get(host).filter(|_| self.enabled);
+        let want = table.get(host).filter(|_| self.enabled && self.serving);
         match (want, self.sent.get(host)) {
-            (Some(r), Some(d)) if *d == r.dest => {}
+            (Some(r), Some(d)) if d.dest == r.dest => {}
             (Some(r), _) => {
                 resources.push(self.template.virtual_host(host, r));
-                self.sent.insert(host.to_string(), r.dest);
+                self.sent.insert(host.to_string(), r);
             }
             (None, Some(_)) => {
                 removed.push(self.template.resource_name(host));
@@ -329,8 +384,9 @@ impl Session {
             })
     }
 
-    /// The validity flag, when it must be sent: turned on, refreshed (every quarter TTL), or
-    /// withdrawn. `force` answers a subscription whatever the state.
+    /// The stream's runtime layer, when it must be sent: the validity flag turned on or off, or
+    /// refreshed (every quarter TTL; the layer also carries the stream's identity, so it is sent
+    /// whether the flag is on or not). `force` answers a subscription whatever the state.
     pub fn validity(&mut self, now: Instant, force: bool) -> Option<DeltaDiscoveryResponse> {
         if !self.rtds_subscribed {
             return None;
@@ -339,29 +395,30 @@ impl Session {
         let refresh_due = self
             .last_valid
             .is_none_or(|t| now.saturating_duration_since(t) >= self.ttl / 4);
-        let mut out = DeltaDiscoveryResponse {
-            type_url: RUNTIME_TYPE.into(),
-            ..Default::default()
-        };
-        if want && (!self.valid_sent || refresh_due || force) {
-            self.valid_version += 1;
-            out.resources
-                .push(resources::validity(self.ttl, self.valid_version));
-            self.valid_sent = true;
-            self.last_valid = Some(now);
-        } else if !want && (self.valid_sent || force) {
-            out.removed_resources.push(RUNTIME_LAYER.into());
-            self.valid_sent = false;
-        } else {
+        if !(force || want != self.valid_sent || refresh_due) {
             return None;
         }
-        out.nonce = self.next_nonce();
-        Some(out)
+        self.valid_version += 1;
+        self.valid_sent = want;
+        self.last_valid = Some(now);
+        let nonce = self.next_nonce();
+        Some(DeltaDiscoveryResponse {
+            type_url: RUNTIME_TYPE.into(),
+            resources: vec![resources::runtime_layer(
+                self.ttl,
+                self.valid_version,
+                want,
+                &self.token,
+            )],
+            nonce,
+            ..Default::default()
+        })
     }
 
-    /// Withdraws the validity flag (before a stream ends on our side).
+    /// Withdraws the runtime layer, validity flag and identity both (before a stream ends on our
+    /// side).
     pub fn withdraw(&mut self) -> Option<DeltaDiscoveryResponse> {
-        if !self.rtds_subscribed || !self.valid_sent {
+        if !self.rtds_subscribed || self.last_valid.is_none() {
             return None;
         }
         self.valid_sent = false;

@@ -1,6 +1,6 @@
 use super::*;
 use crate::index::{PodRoute, RouteState};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn running(ip: &str, default_port: Option<u16>, pod: u64) -> PodRoute {
     PodRoute {
@@ -249,8 +249,8 @@ async fn settling_waits_for_every_stream_to_apply_the_table() {
     let added = f.fast.lock_table().cursor();
     // No Envoy connected: nothing to wait for.
     assert!(f.fast.settle(Duration::from_millis(10)).await);
-    f.fast.note_stream(1, added, added);
-    f.fast.note_stream(2, added, u64::MAX); // takes no hot routes
+    f.fast.note_stream(1, mark(added, added, None));
+    f.fast.note_stream(2, mark(added, u64::MAX, None)); // takes no hot routes
     assert!(f.fast.settle(Duration::from_millis(10)).await);
 
     // Evicted: the table moves on and stream 1 has not applied it yet.
@@ -266,7 +266,7 @@ async fn settling_waits_for_every_stream_to_apply_the_table() {
     .expect("the eviction reaches the table");
     assert!(!waiter.is_finished());
     let removed = f.fast.lock_table().cursor();
-    f.fast.note_stream(1, removed, removed);
+    f.fast.note_stream(1, mark(removed, removed, None));
     assert!(tokio::time::timeout(Duration::from_secs(5), waiter)
         .await
         .expect("settled once applied")
@@ -279,4 +279,41 @@ async fn settling_waits_for_every_stream_to_apply_the_table() {
     // A stream that ends is not waited for.
     f.fast.forget_stream(1);
     assert!(f.fast.settle(Duration::from_millis(50)).await);
+}
+
+fn mark(needed: u64, applied: u64, seen_until: Option<Instant>) -> StreamMark {
+    StreamMark {
+        needed,
+        applied,
+        seen_until,
+        unread: seen_until.map(|_| "connection refused".into()),
+    }
+}
+
+#[test]
+fn the_view_is_as_old_as_the_least_recently_read_envoy_holding_hot_routes() {
+    let f = fixture(true, 100);
+    let now = Instant::now();
+    let ago = |ms: u64| now - Duration::from_millis(ms);
+    let view = f.fast.completeness(now);
+    assert_eq!((view.lag, view.incomplete), (Duration::ZERO, None));
+    // Holding nothing does not count; a reading 1 s old is a 1 s gap, still complete.
+    f.fast.note_stream(1, mark(0, 0, None));
+    f.fast.note_stream(2, mark(0, 0, Some(ago(1000))));
+    let view = f.fast.completeness(now);
+    assert_eq!(
+        (view.lag, view.incomplete),
+        (Duration::from_millis(1000), None)
+    );
+    // Past three reading intervals (3 s here): incomplete, naming the stream and why.
+    f.fast.note_stream(3, mark(0, 0, Some(ago(3500))));
+    let view = f.fast.completeness(now);
+    assert_eq!(view.lag, Duration::from_millis(3500));
+    let why = view.incomplete.expect("incomplete");
+    assert!(
+        why.contains("stream 3") && why.contains("connection refused"),
+        "{why}"
+    );
+    f.fast.forget_stream(3);
+    assert!(f.fast.completeness(now).incomplete.is_none());
 }

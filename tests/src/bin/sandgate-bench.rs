@@ -391,6 +391,7 @@ async fn envoy_bench(args: &Args) -> anyhow::Result<Vec<Vec<Run>>> {
             admin_port,
             access_log_flush: "30s".into(),
             upstream_headers_timeout: "300s".into(),
+            advertise_admin: true,
         };
         Variant {
             name,
@@ -506,6 +507,7 @@ async fn envoy_bytes_per_route(args: &Args) -> anyhow::Result<f64> {
         admin_port: admin,
         access_log_flush: "30s".into(),
         upstream_headers_timeout: "300s".into(),
+        advertise_admin: true,
     };
     let cfg = dir.path().join("memory.yaml");
     std::fs::write(&cfg, render(&ports))?;

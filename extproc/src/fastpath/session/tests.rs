@@ -48,6 +48,33 @@ fn ack(type_url: &str, nonce: &str) -> DeltaDiscoveryRequest {
     }
 }
 
+/// A session whose Envoy's counters are read (so it may hold hot routes), as the ADS stream sets it.
+fn session(enabled: bool) -> Session {
+    let mut s = Session::new(template(), TTL, enabled, "tok".into());
+    s.set_serving(enabled);
+    s
+}
+
+/// The validity flag a runtime push sets: `Some(100.0)` on, `Some(0.0)` off, `None` for a removed
+/// layer.
+fn flag(r: &DeltaDiscoveryResponse) -> Option<f64> {
+    use envoy_types::pb::envoy::service::runtime::v3::Runtime;
+    use envoy_types::pb::google::protobuf::value::Kind;
+    use prost::Message;
+    let res = r.resources.first()?;
+    let rt = Runtime::decode(res.resource.as_ref()?.value.as_slice()).ok()?;
+    let fields = rt.layer?.fields;
+    assert_eq!(
+        fields[crate::fastpath::observe::STREAM_KEY].kind,
+        Some(Kind::StringValue("tok".into())),
+        "every layer carries the stream's token"
+    );
+    match fields[crate::fastpath::resources::VALID_KEY].kind {
+        Some(Kind::NumberValue(v)) => Some(v),
+        _ => None,
+    }
+}
+
 fn names(r: &DeltaDiscoveryResponse) -> (Vec<&str>, Vec<&str>) {
     let mut up: Vec<&str> = r.resources.iter().map(|r| r.name.as_str()).collect();
     let mut rm: Vec<&str> = r.removed_resources.iter().map(String::as_str).collect();
@@ -58,7 +85,7 @@ fn names(r: &DeltaDiscoveryResponse) -> (Vec<&str>, Vec<&str>) {
 
 /// A session subscribed to both types, its first push acknowledged.
 fn synced(table: &HotTable, now: Instant) -> Session {
-    let mut s = Session::new(template(), TTL, true);
+    let mut s = session(true);
     s.on_request(subscribe(RUNTIME_TYPE, &[]), now).unwrap();
     s.on_request(subscribe(VIRTUAL_HOST_TYPE, &[]), now)
         .unwrap();
@@ -72,10 +99,10 @@ fn synced(table: &HotTable, now: Instant) -> Session {
 fn the_first_push_answers_even_an_empty_table_and_then_routes_turn_valid() {
     let now = Instant::now();
     let table = HotTable::new(10);
-    let mut s = Session::new(template(), TTL, true);
+    let mut s = session(true);
     // Envoy asks for the flag first: it is off until the routes are in place.
     let (out, _) = s.on_request(subscribe(RUNTIME_TYPE, &[]), now).unwrap();
-    assert_eq!(names(&out[0]), (vec![], vec![RUNTIME_LAYER]));
+    assert_eq!(flag(&out[0]), Some(0.0));
     assert!(s.validity(now, false).is_none());
     s.on_request(subscribe(VIRTUAL_HOST_TYPE, &[]), now)
         .unwrap();
@@ -95,6 +122,7 @@ fn the_first_push_answers_even_an_empty_table_and_then_routes_turn_valid() {
     assert_eq!(took, Some(Duration::from_millis(3)));
     let on = s.validity(now, false).unwrap();
     assert_eq!(names(&on), (vec![RUNTIME_LAYER], vec![]));
+    assert_eq!(flag(&on), Some(100.0));
     assert_eq!(on.resources[0].ttl.unwrap().seconds, 1);
     assert!(s.is_valid());
 }
@@ -106,7 +134,7 @@ fn a_reconnecting_envoy_keeps_what_is_current_and_loses_the_rest() {
     hot(&mut table, "a.d", "a", "10.0.0.1:80");
     hot(&mut table, "b.d", "b", "10.0.0.2:80");
     hot(&mut table, "c.d", "c", "10.0.0.3:80");
-    let mut s = Session::new(template(), TTL, true);
+    let mut s = session(true);
     let held = [
         ("rc/a.d", "10.0.0.1:80"),    // current: kept, not resent
         ("rc/b.d", "10.0.0.9:80"),    // moved: resent with its new destination
@@ -203,12 +231,14 @@ fn validity_is_refreshed_while_pushes_land_and_withdrawn_when_one_is_late() {
     // Not acknowledged within five TTLs: Envoy is stuck, its table may be stale.
     let late = t1 + TTL * UNACKNOWLEDGED_TTLS;
     let off = s.validity(late, false).unwrap();
-    assert_eq!(names(&off), (vec![], vec![RUNTIME_LAYER]));
+    assert_eq!(flag(&off), Some(0.0));
     assert!(!s.is_valid());
-    assert!(s.validity(late, false).is_none(), "withdrawn once");
+    assert!(s.validity(late, false).is_none(), "turned off once");
+    // The layer (and the stream's token in it) is still refreshed while off.
+    assert_eq!(flag(&s.validity(late + TTL / 4, false).unwrap()), Some(0.0));
     s.on_request(ack(VIRTUAL_HOST_TYPE, &p.nonce), late)
         .unwrap();
-    assert!(s.validity(late, false).unwrap().resources.len() == 1);
+    assert_eq!(flag(&s.validity(late, false).unwrap()), Some(100.0));
     assert_eq!(names(&s.withdraw().unwrap()), (vec![], vec![RUNTIME_LAYER]));
 }
 
@@ -217,7 +247,7 @@ fn with_the_fast_path_off_envoy_is_answered_emptied_and_never_told_routes_are_va
     let now = Instant::now();
     let mut table = HotTable::new(10);
     hot(&mut table, "a.d", "a", "10.0.0.1:80");
-    let mut s = Session::new(template(), TTL, false);
+    let mut s = session(false);
     s.on_request(subscribe(RUNTIME_TYPE, &[]), now).unwrap();
     s.on_request(
         subscribe(VIRTUAL_HOST_TYPE, &[("rc/a.d", "10.0.0.1:80")]),
@@ -233,10 +263,51 @@ fn with_the_fast_path_off_envoy_is_answered_emptied_and_never_told_routes_are_va
 }
 
 #[test]
+fn a_stream_that_stops_serving_loses_every_hot_route_and_gets_them_back_later() {
+    let now = Instant::now();
+    let mut table = HotTable::new(10);
+    hot(&mut table, "a.d", "sbx-a", "10.0.0.1:80");
+    hot(&mut table, "b.d", "sbx-b", "10.0.0.2:80");
+    // Not read yet: Envoy is answered, with no route.
+    let mut s = Session::new(template(), TTL, true, "tok".into());
+    s.on_request(subscribe(VIRTUAL_HOST_TYPE, &[]), now)
+        .unwrap();
+    let (first, _) = s.push(&table, now).unwrap();
+    assert_eq!(names(&first), (vec![], vec![]));
+    s.on_request(ack(VIRTUAL_HOST_TYPE, &first.nonce), now)
+        .unwrap();
+    assert!(s.holds_nothing());
+    assert_eq!(s.applied(), u64::MAX, "holds nothing stale");
+    assert_eq!(s.needed(), u64::MAX);
+    // Read: everything goes out.
+    assert!(s.set_serving(true));
+    assert!(!s.set_serving(true), "no change");
+    let (p, _) = s.push(&table, now).unwrap();
+    assert_eq!(names(&p), (vec!["rc/a.d", "rc/b.d"], vec![]));
+    assert!(!s.holds_nothing());
+    assert_eq!(s.held_destinations().len(), 2);
+    s.on_request(ack(VIRTUAL_HOST_TYPE, &p.nonce), now).unwrap();
+    // Unread: everything is removed; until that applies, Envoy still holds it.
+    assert!(s.set_serving(false));
+    let (p, _) = s.push(&table, now).unwrap();
+    assert_eq!(names(&p), (vec![], vec!["rc/a.d", "rc/b.d"]));
+    assert!(!s.holds_nothing(), "the removal is in flight");
+    assert!(s.applied() < u64::MAX, "an eviction waits for it");
+    s.on_request(ack(VIRTUAL_HOST_TYPE, &p.nonce), now).unwrap();
+    assert!(s.holds_nothing());
+    // Changes meanwhile are not sent; serving again sends the table as it is then.
+    table.set("a.d", None);
+    assert!(s.push(&table, now).is_none());
+    s.set_serving(true);
+    let (p, _) = s.push(&table, now).unwrap();
+    assert_eq!(names(&p), (vec!["rc/b.d"], vec![]));
+}
+
+#[test]
 fn envoy_has_applied_the_table_once_it_acknowledges_the_push_that_carried_it() {
     let now = Instant::now();
     let mut table = HotTable::new(10);
-    let mut s = Session::new(template(), TTL, true);
+    let mut s = session(true);
     // Not subscribed to hot routes: holds none, so it holds nothing stale either.
     assert_eq!(s.applied(), u64::MAX);
     s.on_request(subscribe(VIRTUAL_HOST_TYPE, &[("sandboxes/old", "x")]), now)
