@@ -20,11 +20,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CARGO=${CARGO:-cargo}
 mode=${1:-realapi}
-read -ra tests <<<"${SANDGATE_SCENARIOS:-kubelet dataplane upstream fastpath control_api idle pools lifecycle e2b rbac}"
+read -ra tests <<<"${SANDGATE_SCENARIOS:-kubelet dataplane upstream protocols fastpath failsafe control_api idle pools lifecycle e2b rbac}"
 # The files run a second time with the fast path off.
 both_paths=()
 for t in "${tests[@]}"; do
-	case "$t" in dataplane | upstream | idle) both_paths+=("$t") ;; esac
+	case "$t" in dataplane | upstream | protocols | idle) both_paths+=("$t") ;; esac
 done
 dir=$(mktemp -d)
 pids=()

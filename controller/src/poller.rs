@@ -261,3 +261,80 @@ impl Poller {
         self.evictor.evict_everywhere(sandbox_id).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sandgate_shared::control::{
+        control_server::{Control, ControlServer},
+        EvictRouteResponse, GetLastActiveResponse, SandboxActivity,
+    };
+
+    /// A replica that answers warm, with one sandbox, and the completeness it is given.
+    struct Replica {
+        complete: bool,
+    }
+
+    #[tonic::async_trait]
+    impl Control for Replica {
+        async fn get_last_active(
+            &self,
+            _: tonic::Request<GetLastActiveRequest>,
+        ) -> Result<tonic::Response<GetLastActiveResponse>, tonic::Status> {
+            Ok(tonic::Response::new(GetLastActiveResponse {
+                replica: "r".into(),
+                boot_id: "b".into(),
+                warm: true,
+                full: true,
+                cursor: 1,
+                sandboxes: vec![SandboxActivity {
+                    sandbox_id: "sbx-a".into(),
+                    idle_ms: 1000,
+                    open_streams: 0,
+                }],
+                complete: self.complete,
+                incomplete_reason: if self.complete {
+                    String::new()
+                } else {
+                    "an envoy's counters are unread".into()
+                },
+            }))
+        }
+        async fn evict_route(
+            &self,
+            _: tonic::Request<EvictRouteRequest>,
+        ) -> Result<tonic::Response<EvictRouteResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not here"))
+        }
+    }
+
+    async fn serve(complete: bool) -> ReplicaAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(ControlServer::new(Replica { complete }))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        addr.into()
+    }
+
+    #[tokio::test]
+    async fn an_incomplete_view_makes_the_poll_partial_but_its_activity_still_counts() {
+        let complete = serve(true).await;
+        let partial = serve(false).await;
+        let mut poller = Poller::new("t", Duration::from_secs(2)).unwrap();
+        let poll = poller.poll(std::slice::from_ref(&complete)).await;
+        assert!(poll.complete && poll.failed.is_empty());
+
+        let poll = poller.poll(&[complete, partial.clone()]).await;
+        assert!(!poll.complete, "an incomplete view must stop releases");
+        assert_eq!(poll.failed.len(), 1);
+        let (addr, err) = &poll.failed[0];
+        assert_eq!(addr, &partial);
+        assert_eq!(err.label(), "incomplete");
+        assert!(matches!(err, PollError::Incomplete(why) if why.contains("unread")));
+        // Both replicas' reports count as activity: a partial view only ever makes it busier.
+        assert_eq!(poll.activity["sbx-a"].len(), 2);
+    }
+}

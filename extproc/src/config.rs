@@ -120,6 +120,14 @@ pub struct Config {
     )]
     pub fast_path_cluster: String,
 
+    /// The HTTP/2 twin of `--fast-path-cluster`: gRPC and ports the sandbox declares h2c go there.
+    #[arg(
+        long,
+        env = "SANDGATE_FAST_PATH_CLUSTER_H2",
+        default_value = "sandbox_pods_fast_h2"
+    )]
+    pub fast_path_cluster_h2: String,
+
     /// The header that cluster takes the destination from; every hot route overwrites it.
     #[arg(
         long,

@@ -16,6 +16,9 @@ pub enum Decision<'a> {
         id: Cow<'a, str>,
         dest: SocketAddr,
         rewritten_path: Option<Cow<'a, str>>,
+        /// The sandbox serves this port as HTTP/2 cleartext (else HTTP/1.1; gRPC requests get
+        /// HTTP/2 from Envoy's routes whatever this says).
+        h2: bool,
     },
     /// Unknown or released sandbox: 502, which E2B SDKs read as "sandbox gone".
     NotFound {
@@ -79,6 +82,7 @@ pub fn decide<'a>(
                     id,
                     dest: SocketAddr::new(ip, port),
                     rewritten_path: addr.rewritten_path,
+                    h2: route.h2c.contains(port),
                 },
                 None => Decision::NoPort { id },
             }
@@ -108,6 +112,7 @@ mod tests {
         Resolved::Found(PodRoute {
             ip: ip.map(|i| i.parse().unwrap()),
             default_port,
+            h2c: Default::default(),
             state,
             pod: 1,
             scope: 0,
@@ -129,6 +134,24 @@ mod tests {
             decide(addr(None), no_ann, None),
             Decision::NoPort { .. }
         ));
+    }
+
+    #[test]
+    fn only_ports_the_sandbox_declares_h2c_get_http2() {
+        let Resolved::Found(mut route) = found(RouteState::Running, Some("10.0.0.1"), Some(50051))
+        else {
+            unreachable!()
+        };
+        route.h2c.insert(50051);
+        let h2 = |port| match decide(addr(port), Resolved::Found(route), None) {
+            Decision::Route { h2, .. } => h2,
+            other => panic!("{other:?}"),
+        };
+        assert!(
+            h2(Some(50051)) && h2(None),
+            "declared, by name or by default port"
+        );
+        assert!(!h2(Some(8080)));
     }
 
     #[test]

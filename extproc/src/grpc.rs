@@ -43,6 +43,12 @@ pub const METADATA_KEY: &str = "x-sandbox-destination";
 pub const METADATA_SANDBOX_ID: &str = "sandbox-id";
 /// Key inside it holding the destination port, for Envoy's own JSON answers ("port not open").
 pub const METADATA_PORT: &str = "port";
+/// Key inside it set to [`UPSTREAM_H2`] when the port is served as HTTP/2 cleartext: Envoy's route
+/// for it (matching this metadata) sends HTTP/2. Absent: HTTP/1.1 (gRPC aside).
+pub const METADATA_UPSTREAM: &str = "upstream";
+pub const UPSTREAM_H2: &str = "h2";
+/// A header name sandgate reserves; removed where an answer needs some header mutation.
+const RESERVED_HEADER: &str = "x-sandgate-upstream";
 /// Marks sandgate's own answers, so Envoy's local-reply mappers leave their JSON bodies alone.
 pub const METADATA_REPLY: &str = "sandgate-reply";
 /// Seconds clients are told to wait on a 503.
@@ -127,7 +133,8 @@ impl Router {
     pub async fn on_request_headers(&self, headers: &HttpHeaders) -> ProcessingResponse {
         let start = Instant::now();
         let mut parts = RequestParts::default();
-        let mut remove = Removals::default();
+        let mut fixes = HeaderFixes::default();
+        let mut has_websocket_key = false;
         // A WebSocket (HTTP/1.1 upgrade or HTTP/2 extended CONNECT) lives until its end entry.
         let mut upgrade = false;
         let mut request_id: &[u8] = b"";
@@ -140,29 +147,46 @@ impl Router {
             match h.key.as_str() {
                 ":authority" => parts.authority = v,
                 ":path" => parts.path = v,
-                "upgrade" | ":protocol" => upgrade = true,
+                "upgrade" | ":protocol" => {
+                    upgrade = true;
+                    // An HTTP/2 WebSocket (RFC 8441; Envoy's codec shows it as an HTTP/1.1
+                    // upgrade) carries no Sec-WebSocket-Key, which an HTTP/1.1 server requires.
+                    fixes.websocket_key |= v.eq_ignore_ascii_case(b"websocket");
+                }
+                "sec-websocket-key" => has_websocket_key = true,
                 "x-request-id" => request_id = v,
                 HEADER_ID => {
-                    parts.header_id = Some(v);
-                    remove.id = true;
+                    once(&mut parts.header_id, &mut parts.duplicate, v, HEADER_ID);
+                    fixes.id = true;
                 }
                 HEADER_PORT => {
-                    parts.header_port = Some(v);
-                    remove.port = true;
+                    once(&mut parts.header_port, &mut parts.duplicate, v, HEADER_PORT);
+                    fixes.port = true;
                 }
                 // The E2B SDK's names (sent when E2B_SANDBOX_URL points at one gateway); ours win
                 // when both are sent. Both are stripped.
                 E2B_HEADER_ID => {
-                    parts.e2b_header_id = Some(v);
-                    remove.e2b_id = true;
+                    once(
+                        &mut parts.e2b_header_id,
+                        &mut parts.duplicate,
+                        v,
+                        E2B_HEADER_ID,
+                    );
+                    fixes.e2b_id = true;
                 }
                 E2B_HEADER_PORT => {
-                    parts.e2b_header_port = Some(v);
-                    remove.e2b_port = true;
+                    once(
+                        &mut parts.e2b_header_port,
+                        &mut parts.duplicate,
+                        v,
+                        E2B_HEADER_PORT,
+                    );
+                    fixes.e2b_port = true;
                 }
                 _ => {}
             }
         }
+        fixes.websocket_key &= !has_websocket_key;
         let mut form = None;
         let mut decision = match self.addresses.parse(parts) {
             Ok(addr) => {
@@ -185,7 +209,7 @@ impl Router {
             }
         }
         self.metrics.outcome(decision.outcome()).inc();
-        let reply = encode(decision, remove);
+        let reply = encode(decision, fixes);
         self.metrics.decision_seconds.observe(start.elapsed());
         reply
     }
@@ -218,28 +242,74 @@ impl Router {
     }
 }
 
-/// Which sandbox-addressing headers the request carried (and so must lose before going upstream).
+/// Records a routing header's value; one seen twice makes the address ambiguous (refused when it
+/// is parsed).
+fn once<'a>(
+    slot: &mut Option<&'a [u8]>,
+    duplicate: &mut Option<&'static str>,
+    v: &'a [u8],
+    name: &'static str,
+) {
+    if slot.replace(v).is_some() {
+        duplicate.get_or_insert(name);
+    }
+}
+
+/// What a routed request's headers need: the sandbox-addressing headers it carried (which must go
+/// before it reaches the pod), and a Sec-WebSocket-Key for an HTTP/2 WebSocket that has none.
 #[derive(Debug, Default, Clone, Copy)]
-struct Removals {
+struct HeaderFixes {
     id: bool,
     port: bool,
     e2b_id: bool,
     e2b_port: bool,
+    websocket_key: bool,
 }
 
-fn encode(decision: Decision<'_>, remove: Removals) -> ProcessingResponse {
+/// A fresh `Sec-WebSocket-Key`: 16 random bytes, base64 (RFC 6455 §4.1). The client never sees
+/// the accept value computed from it (HTTP/2 WebSockets have none), so it need not be secret.
+fn websocket_key() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut bytes = [0u8; 16];
+    for half in bytes.chunks_mut(8) {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos(),
+        );
+        half.copy_from_slice(&h.finish().to_le_bytes());
+    }
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(24);
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().fold(0u32, |n, b| (n << 8) | u32::from(*b)) << (8 * (3 - chunk.len()));
+        for i in 0..=chunk.len() {
+            out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+        }
+    }
+    while out.len() < 24 {
+        out.push('=');
+    }
+    out
+}
+
+fn encode(decision: Decision<'_>, fixes: HeaderFixes) -> ProcessingResponse {
     use serde_json::json;
     match decision {
         Decision::Route {
             id,
             dest,
             rewritten_path,
+            h2,
         } => route_reply(
             &id,
             dest.to_string(),
             dest.port(),
             rewritten_path.as_deref(),
-            remove,
+            fixes,
+            h2,
         ),
         // E2B SDKs read a 502 whose message says "was not found" as "the sandbox is not running".
         Decision::NotFound { id } => immediate(
@@ -301,9 +371,10 @@ fn route_reply(
     dest: String,
     port: u16,
     rewritten_path: Option<&str>,
-    remove: Removals,
+    fixes: HeaderFixes,
+    h2: bool,
 ) -> ProcessingResponse {
-    let lb = Struct {
+    let mut lb = Struct {
         fields: HashMap::from([
             (METADATA_KEY.to_string(), string_value(dest)),
             (
@@ -313,6 +384,12 @@ fn route_reply(
             (METADATA_PORT.to_string(), string_value(port.to_string())),
         ]),
     };
+    if h2 {
+        lb.fields.insert(
+            METADATA_UPSTREAM.to_string(),
+            string_value(UPSTREAM_H2.to_string()),
+        );
+    }
     let metadata = namespaced(lb);
     let mut mutation = HeaderMutation::default();
     if let Some(path) = rewritten_path {
@@ -320,17 +397,27 @@ fn route_reply(
             .set_headers
             .push(set_header(":path", path.as_bytes()));
     }
-    if remove.id {
+    if fixes.websocket_key {
+        mutation
+            .set_headers
+            .push(set_header("sec-websocket-key", websocket_key().as_bytes()));
+    }
+    if fixes.id {
         mutation.remove_headers.push(HEADER_ID.to_string());
     }
-    if remove.port {
+    if fixes.port {
         mutation.remove_headers.push(HEADER_PORT.to_string());
     }
-    if remove.e2b_id {
+    if fixes.e2b_id {
         mutation.remove_headers.push(E2B_HEADER_ID.to_string());
     }
-    if remove.e2b_port {
+    if fixes.e2b_port {
         mutation.remove_headers.push(E2B_HEADER_PORT.to_string());
+    }
+    if h2 {
+        // Envoy clears the route only for an answer that mutates headers: removing a name
+        // sandgate reserves (and no pod needs) is one.
+        mutation.remove_headers.push(RESERVED_HEADER.to_string());
     }
     let has_mutation = !mutation.set_headers.is_empty() || !mutation.remove_headers.is_empty();
     ProcessingResponse {
@@ -338,6 +425,9 @@ fn route_reply(
         response: Some(Resp::RequestHeaders(HeadersResponse {
             response: Some(CommonResponse {
                 header_mutation: has_mutation.then_some(mutation),
+                // The route was chosen before this answer; only an h2c port needs it chosen
+                // again (its route matches the metadata above). Everything else keeps it.
+                clear_route_cache: h2,
                 ..Default::default()
             }),
         })),

@@ -17,6 +17,8 @@ use k8s_openapi::api::core::v1::Pod;
 use sandgate_shared::address::{validate_id, MAX_ID_LEN};
 use sandgate_shared::{Contract, Phase};
 
+use crate::upstream::H2cPorts;
+
 /// A sandbox ID stored inline (no heap allocation), hashing like the `&str` it borrows as.
 #[derive(Clone, Copy)]
 pub struct SandboxKey {
@@ -85,6 +87,8 @@ pub struct PodRoute {
     pub ip: Option<IpAddr>,
     /// The pod's `port` annotation.
     pub default_port: Option<u16>,
+    /// Ports the pod serves as HTTP/2 cleartext ([`crate::upstream`]); the rest get HTTP/1.1.
+    pub h2c: H2cPorts,
     pub state: RouteState,
     /// Hash of namespace/name: which pod this entry came from.
     pub pod: u64,
@@ -142,6 +146,10 @@ pub fn route_from_pod(
         .as_ref()
         .and_then(|a| a.get(&contract.ann_port))
         .and_then(|p| sandgate_shared::address::parse_port(p.as_bytes()).ok());
+    let (h2c, dropped) = crate::upstream::h2c_ports(pod, &contract.ann_h2c_ports);
+    if dropped {
+        tracing::warn!(pod = ?meta.name, "some h2c ports were not understood or past the most kept ({}): served as HTTP/1.1", crate::upstream::MAX_H2C_PORTS);
+    }
     let pod = pod_hash(
         meta.namespace.as_deref().unwrap_or_default(),
         meta.name.as_deref().unwrap_or_default(),
@@ -151,6 +159,7 @@ pub fn route_from_pod(
         PodRoute {
             ip,
             default_port,
+            h2c,
             state,
             pod,
             scope,

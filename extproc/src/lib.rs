@@ -18,6 +18,7 @@ pub mod kube;
 pub mod metrics;
 pub mod resolver;
 pub mod streams;
+pub mod upstream;
 
 use std::sync::Arc;
 
@@ -234,6 +235,7 @@ fn fast_path_config(config: &Config) -> anyhow::Result<fastpath::FastPathConfig>
     );
     for (flag, value) in [
         ("--fast-path-cluster", &config.fast_path_cluster),
+        ("--fast-path-cluster-h2", &config.fast_path_cluster_h2),
         ("--fast-path-route-config", &config.fast_path_route_config),
     ] {
         anyhow::ensure!(
@@ -246,6 +248,7 @@ fn fast_path_config(config: &Config) -> anyhow::Result<fastpath::FastPathConfig>
         template: fastpath::RouteTemplate {
             route_config: config.fast_path_route_config.clone(),
             cluster: config.fast_path_cluster.clone(),
+            cluster_h2: config.fast_path_cluster_h2.clone(),
             header: config.fast_path_header.clone(),
         },
         max_routes: config.fast_path_max_routes as usize,

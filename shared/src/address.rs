@@ -62,6 +62,10 @@ pub enum AddressError {
     MalformedPath,
     #[error("x-sandbox-port given without x-sandbox-id")]
     PortWithoutId,
+    /// A routing header (or the host) given twice: which one the request means is ambiguous, as
+    /// request-smuggling defences treat it.
+    #[error("{0} given more than once: a request must name one sandbox address")]
+    Duplicate(&'static str),
 }
 
 impl AddressError {
@@ -74,6 +78,7 @@ impl AddressError {
             AddressError::MalformedHost => "malformed_host",
             AddressError::MalformedPath => "malformed_path",
             AddressError::PortWithoutId => "port_without_id",
+            AddressError::Duplicate(_) => "duplicate",
         }
     }
 }
@@ -99,6 +104,8 @@ pub struct RequestParts<'a> {
     pub header_port: Option<&'a [u8]>,
     pub e2b_header_id: Option<&'a [u8]>,
     pub e2b_header_port: Option<&'a [u8]>,
+    /// A routing header the request carried more than once (the caller counts them).
+    pub duplicate: Option<&'static str>,
 }
 
 impl AddressConfig {
@@ -132,8 +139,26 @@ impl AddressConfig {
         &self.domains
     }
 
-    /// Finds the sandbox address in a request.
+    /// Finds the sandbox address in a request. A routing header given twice, or a value holding a
+    /// comma (how Envoy joins repeated headers, a Host among them), is refused whatever else the
+    /// request carries.
     pub fn parse<'a>(&self, req: RequestParts<'a>) -> Result<SandboxAddress<'a>, AddressError> {
+        if let Some(name) = req.duplicate {
+            return Err(AddressError::Duplicate(name));
+        }
+        if req.authority.contains(&b',') {
+            return Err(AddressError::Duplicate("host"));
+        }
+        for (name, value) in [
+            (HEADER_ID, req.header_id),
+            (HEADER_PORT, req.header_port),
+            (E2B_HEADER_ID, req.e2b_header_id),
+            (E2B_HEADER_PORT, req.e2b_header_port),
+        ] {
+            if value.is_some_and(|v| v.contains(&b',')) {
+                return Err(AddressError::Duplicate(name));
+            }
+        }
         if let Some(label) = self.sandbox_label(req.authority)? {
             return parse_host_label(label);
         }

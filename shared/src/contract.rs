@@ -70,6 +70,8 @@ pub struct Contract {
     pub ann_last_active: String,
     pub ann_claimed_at: String,
     pub ann_port: String,
+    /// Ports the sandbox serves as HTTP/2 cleartext (comma-separated), beside named ones.
+    pub ann_h2c_ports: String,
     pub ann_stop_reason: String,
     pub ann_stopped_at: String,
 }
@@ -110,6 +112,7 @@ impl Contract {
             ann_last_active: k("last-active"),
             ann_claimed_at: k("claimed-at"),
             ann_port: k("port"),
+            ann_h2c_ports: k("h2c-ports"),
             ann_stop_reason: k("stop-reason"),
             ann_stopped_at: k("stopped-at"),
         })

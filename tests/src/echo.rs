@@ -34,8 +34,30 @@ impl Drop for Server {
     }
 }
 
+/// Which HTTP versions a server speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.1 and HTTP/2 with prior knowledge, as the pods of the loopback kubelet.
+    Auto,
+    /// HTTP/1.1 only (WebSocket upgrades included), as Python's http.server or Node's http: an
+    /// HTTP/2 preface is a protocol error.
+    Http1,
+    /// HTTP/2 cleartext only, as a gRPC server.
+    H2c,
+}
+
 /// Binds `ip:port` and serves until the returned [`Server`] is dropped.
 pub async fn bind(ip: impl Into<IpAddr>, port: u16, name: String) -> std::io::Result<Server> {
+    bind_speaking(ip, port, name, Protocol::Auto).await
+}
+
+/// [`bind`], speaking only `protocol`.
+pub async fn bind_speaking(
+    ip: impl Into<IpAddr>,
+    port: u16,
+    name: String,
+    protocol: Protocol,
+) -> std::io::Result<Server> {
     let listener = TcpListener::bind(SocketAddr::new(ip.into(), port)).await?;
     let (stop, stopped) = watch::channel(false);
     let accept = tokio::spawn(serve_until(
@@ -43,6 +65,7 @@ pub async fn bind(ip: impl Into<IpAddr>, port: u16, name: String) -> std::io::Re
         name,
         Arc::new(AtomicUsize::new(0)),
         stopped,
+        protocol,
     ));
     Ok(Server { accept, stop })
 }
@@ -50,7 +73,7 @@ pub async fn bind(ip: impl Into<IpAddr>, port: u16, name: String) -> std::io::Re
 /// Serves on a bound listener, counting every request in `hits`, for as long as the task runs.
 pub async fn serve(listener: TcpListener, name: String, hits: Arc<AtomicUsize>) {
     let (_stop, stopped) = watch::channel(false);
-    serve_until(listener, name, hits, stopped).await
+    serve_until(listener, name, hits, stopped, Protocol::Auto).await
 }
 
 async fn serve_until(
@@ -58,6 +81,7 @@ async fn serve_until(
     name: String,
     hits: Arc<AtomicUsize>,
     stopped: watch::Receiver<bool>,
+    protocol: Protocol,
 ) {
     let name: Arc<str> = name.into();
     let local = listener.local_addr().ok();
@@ -94,8 +118,25 @@ async fn serve_until(
                     Ok::<_, Infallible>(respond(&name, local, stop, req).map(|b| b.boxed()))
                 }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+            let io = TokioIo::new(stream);
+            let conn: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+                match protocol {
+                    Protocol::Auto => Box::pin(async move {
+                        let b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                        let _ = b.serve_connection_with_upgrades(io, svc).await;
+                    }),
+                    Protocol::Http1 => Box::pin(async move {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, svc)
+                            .with_upgrades()
+                            .await;
+                    }),
+                    Protocol::H2c => Box::pin(async move {
+                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(io, svc)
+                            .await;
+                    }),
+                };
             tokio::select! {
                 _ = conn => {}
                 _ = stop.wait_for(|s| *s) => {}
@@ -174,6 +215,7 @@ fn respond(
         .collect();
     let body = json!({
         "pod": name.as_ref(),
+        "version": format!("{:?}", req.version()),
         "addr": local.map(|a| a.to_string()),
         "method": req.method().as_str(),
         "path": req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"),

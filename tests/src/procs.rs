@@ -174,6 +174,68 @@ pub async fn get(
     Reply::read(resp).await
 }
 
+/// One HTTP/2 GET with prior knowledge (h2c) to `host`, with extra headers.
+pub async fn get_h2(
+    addr: std::net::SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<Reply> {
+    let stream = TcpStream::connect(addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await?;
+    tokio::spawn(conn);
+    let mut req = http::Request::get(format!("http://{host}{path}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = sender
+        .send_request(req.body(Empty::<Bytes>::new())?)
+        .await?;
+    Reply::read(resp).await
+}
+
+/// A WebSocket over HTTP/2 (extended CONNECT, RFC 8441) to `host` through Envoy at `envoy`; the
+/// HTTP status when it is refused.
+pub async fn websocket_h2(
+    envoy: std::net::SocketAddr,
+    host: &str,
+) -> anyhow::Result<
+    Result<
+        tokio_tungstenite::WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>,
+        u16,
+    >,
+> {
+    let stream = TcpStream::connect(envoy).await?;
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await?;
+    tokio::spawn(conn);
+    let mut req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("http://{host}/socket"))
+        .header("sec-websocket-version", "13")
+        .body(Empty::<Bytes>::new())?;
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let resp = sender.send_request(req).await?;
+    if resp.status() != http::StatusCode::OK {
+        return Ok(Err(resp.status().as_u16()));
+    }
+    let upgraded = hyper::upgrade::on(resp).await?;
+    Ok(Ok(tokio_tungstenite::WebSocketStream::from_raw_socket(
+        hyper_util::rt::TokioIo::new(upgraded),
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await))
+}
+
 /// A WebSocket through Envoy.
 pub type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;

@@ -312,9 +312,11 @@ impl FastPath {
                 id,
                 dest,
                 rewritten_path: None,
+                h2,
             } => Some(HotRoute {
                 sandbox: SandboxKey::new(&id)?,
                 dest,
+                h2,
             }),
             _ => None,
         }

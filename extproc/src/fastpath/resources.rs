@@ -12,7 +12,6 @@
 //!   hot host then answers 503 with `retry-after` until sandgate confirms its table again. The
 //!   token lets the stream's observer prove whose counters it reads ([`super::observe`]).
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::{
@@ -44,8 +43,10 @@ pub const VALID_KEY: &str = "sandgate.fast_path.valid";
 pub struct RouteTemplate {
     /// The route configuration whose VHDS namespace the virtual hosts live in.
     pub route_config: String,
-    /// The ORIGINAL_DST cluster only hot routes reach; it reads `header`.
+    /// The ORIGINAL_DST cluster only hot routes reach (HTTP/1.1 upstream); it reads `header`.
     pub cluster: String,
+    /// Its twin speaking HTTP/2 cleartext, for gRPC and for ports the sandbox declares h2c.
+    pub cluster_h2: String,
     /// The header that cluster takes the destination from.
     pub header: String,
 }
@@ -67,40 +68,19 @@ impl RouteTemplate {
     /// `initial_resource_versions` on a reconnect say exactly what it routes where.
     pub fn virtual_host(&self, host: &str, route: HotRoute) -> Resource {
         let name = self.resource_name(host);
+        let cluster = if route.h2 {
+            &self.cluster_h2
+        } else {
+            &self.cluster
+        };
         let vhost = VirtualHost {
             name: name.clone(),
             domains: vec![host.to_string()],
-            routes: vec![self.route(route)],
-            ..Default::default()
-        };
-        Resource {
-            name,
-            version: version(route.dest),
-            resource: Some(pack_any(vhost)),
-            ..Default::default()
-        }
-    }
-
-    fn route(&self, route: HotRoute) -> Route {
-        Route {
-            name: route.sandbox.as_str().to_string(),
-            r#match: Some(RouteMatch {
-                path_specifier: Some(PathSpecifier::Prefix("/".into())),
-                // Matches only while sandgate's validity flag is in Envoy's runtime.
-                runtime_fraction: Some(RuntimeFractionalPercent {
-                    default_value: Some(FractionalPercent::default()),
-                    runtime_key: VALID_KEY.into(),
-                }),
-                ..Default::default()
-            }),
-            action: Some(Action::Route(RouteAction {
-                cluster_specifier: Some(ClusterSpecifier::Cluster(self.cluster.clone())),
-                // No overall timeout: long polls and streams are the sandbox's business. No retry
-                // policy either (about 4 KB of Envoy memory per route): connect failures are
-                // retried through the route configuration's x-envoy-retry-on header instead.
-                timeout: Some(proto_duration(Duration::ZERO)),
-                ..Default::default()
-            })),
+            // gRPC goes over HTTP/2 whatever the port says.
+            routes: vec![
+                self.route(route, &self.cluster_h2, true),
+                self.route(route, cluster, false),
+            ],
             request_headers_to_add: vec![HeaderValueOption {
                 header: Some(HeaderValue {
                     key: self.header.clone(),
@@ -111,13 +91,49 @@ impl RouteTemplate {
                 ..Default::default()
             }],
             ..Default::default()
+        };
+        Resource {
+            name,
+            version: version(route),
+            resource: Some(pack_any(vhost)),
+            ..Default::default()
+        }
+    }
+
+    fn route(&self, route: HotRoute, cluster: &str, grpc: bool) -> Route {
+        Route {
+            name: route.sandbox.as_str().to_string(),
+            r#match: Some(RouteMatch {
+                path_specifier: Some(PathSpecifier::Prefix("/".into())),
+                // Matches only while sandgate's validity flag is in Envoy's runtime.
+                runtime_fraction: Some(RuntimeFractionalPercent {
+                    default_value: Some(FractionalPercent::default()),
+                    runtime_key: VALID_KEY.into(),
+                }),
+                grpc: grpc.then(Default::default),
+                ..Default::default()
+            }),
+            action: Some(Action::Route(RouteAction {
+                cluster_specifier: Some(ClusterSpecifier::Cluster(cluster.to_string())),
+                // No overall timeout: long polls and streams are the sandbox's business. No retry
+                // policy either (about 4 KB of Envoy memory per route): connect failures are
+                // retried through the route configuration's x-envoy-retry-on header instead.
+                timeout: Some(proto_duration(Duration::ZERO)),
+                ..Default::default()
+            })),
+            ..Default::default()
         }
     }
 }
 
-/// The version string of a hot route: its destination.
-pub fn version(dest: SocketAddr) -> String {
-    dest.to_string()
+/// The version string of a hot route: its destination and upstream protocol, so Envoy's
+/// `initial_resource_versions` on a reconnect say exactly what it routes where.
+pub fn version(route: HotRoute) -> String {
+    if route.h2 {
+        format!("{}/h2", route.dest)
+    } else {
+        route.dest.to_string()
+    }
 }
 
 /// A stream's runtime layer, kept by Envoy for `ttl` unless sent again: the validity flag (100
@@ -169,6 +185,7 @@ mod tests {
         RouteTemplate {
             route_config: "sandboxes".into(),
             cluster: "sandbox_pods_fast".into(),
+            cluster_h2: "sandbox_pods_fast_h2".into(),
             header: "x-sandgate-destination".into(),
         }
     }
@@ -181,6 +198,7 @@ mod tests {
             HotRoute {
                 sandbox: SandboxKey::new("sbx-a").unwrap(),
                 dest: "10.1.2.3:8080".parse().unwrap(),
+                h2: false,
             },
         );
         assert_eq!(r.name, "sandboxes/8080-sbx-a.sandbox.example.com");
@@ -191,9 +209,19 @@ mod tests {
         // VHDS removes by resource name and keys vhosts by their own name: the two must agree.
         assert_eq!(vh.name, r.name);
         assert_eq!(vh.domains, ["8080-sbx-a.sandbox.example.com"]);
-        let route = &vh.routes[0];
+        // gRPC first, over HTTP/2; then everything else, over HTTP/1.1.
+        let grpc = &vh.routes[0];
+        assert!(grpc.r#match.as_ref().unwrap().grpc.is_some());
+        let Some(Action::Route(action)) = &grpc.action else {
+            panic!("not a route action")
+        };
+        assert_eq!(
+            action.cluster_specifier,
+            Some(ClusterSpecifier::Cluster("sandbox_pods_fast_h2".into()))
+        );
+        let route = &vh.routes[1];
         assert_eq!(route.name, "sbx-a");
-        let add = &route.request_headers_to_add[0];
+        let add = &vh.request_headers_to_add[0];
         assert_eq!(
             add.append_action,
             HeaderAppendAction::OverwriteIfExistsOrAdd as i32

@@ -288,7 +288,7 @@ impl Session {
                     .and_then(|host| Some((host, table.get(host)?)))
                     .filter(|_| self.enabled && self.serving);
                 match current {
-                    Some((host, r)) if resources::version(r.dest) == version => {
+                    Some((host, r)) if resources::version(r) == version => {
                         self.sent.insert(host.to_string(), r);
                     }
                     Some(_) => {}
@@ -363,7 +363,7 @@ impl Session {
     ) {
         let want = table.get(host).filter(|_| self.enabled && self.serving);
         match (want, self.sent.get(host)) {
-            (Some(r), Some(d)) if d.dest == r.dest => {}
+            (Some(r), Some(d)) if *d == r => {}
             (Some(r), _) => {
                 resources.push(self.template.virtual_host(host, r));
                 self.sent.insert(host.to_string(), r);

@@ -15,6 +15,8 @@ use crate::index::SandboxKey;
 pub struct HotRoute {
     pub sandbox: SandboxKey,
     pub dest: SocketAddr,
+    /// The port is served as HTTP/2 cleartext.
+    pub h2: bool,
 }
 
 /// What changed since a stream's cursor.
@@ -180,6 +182,7 @@ mod tests {
         Some(HotRoute {
             sandbox: key(sandbox),
             dest: dest.parse().unwrap(),
+            h2: false,
         })
     }
 

@@ -6,6 +6,7 @@ fn running(ip: &str, default_port: Option<u16>, pod: u64) -> PodRoute {
     PodRoute {
         ip: Some(ip.parse().unwrap()),
         default_port,
+        h2c: Default::default(),
         state: RouteState::Running,
         pod,
         scope: 0,
@@ -32,6 +33,7 @@ fn fixture(enabled: bool, max_routes: usize) -> Fixture {
             template: RouteTemplate {
                 route_config: "sandboxes".into(),
                 cluster: "fast".into(),
+                cluster_h2: "fast_h2".into(),
                 header: "x-dst".into(),
             },
             max_routes,

@@ -21,6 +21,7 @@ fn router() -> Router {
         PodRoute {
             ip: Some("10.1.2.3".parse().unwrap()),
             default_port: None,
+            h2c: Default::default(),
             state: RouteState::Running,
             pod: 1,
             scope: 0,
@@ -31,6 +32,7 @@ fn router() -> Router {
         PodRoute {
             ip: None,
             default_port: None,
+            h2c: Default::default(),
             state: RouteState::NotReady,
             pod: 2,
             scope: 0,
@@ -256,4 +258,156 @@ async fn a_spoofed_destination_header_is_ignored() {
         ]))
         .await;
     assert_eq!(destination(&reply).as_deref(), Some("10.1.2.3:80"));
+}
+
+#[tokio::test]
+async fn a_routing_header_given_twice_is_a_400_naming_it() {
+    let r = router();
+    for (pairs, name) in [
+        (
+            vec![
+                ("x-sandbox-id", "abc"),
+                ("x-sandbox-port", "8080"),
+                ("x-sandbox-port", "80"),
+            ],
+            "x-sandbox-port",
+        ),
+        (
+            vec![("x-sandbox-id", "abc"), ("x-sandbox-id", "abc")],
+            "x-sandbox-id",
+        ),
+        (
+            vec![
+                ("e2b-sandbox-id", "abc"),
+                ("e2b-sandbox-port", "8080"),
+                ("e2b-sandbox-port", "8080"),
+            ],
+            "e2b-sandbox-port",
+        ),
+        // Ambiguous even beside a host that would route, and even when it is the other form's.
+        (
+            vec![
+                (":authority", "8080-abc.sandbox.localhost"),
+                ("x-sandbox-port", "1"),
+                ("x-sandbox-port", "2"),
+            ],
+            "x-sandbox-port",
+        ),
+        // Envoy joins a repeated Host into one value with a comma.
+        (
+            vec![(
+                ":authority",
+                "8080-abc.sandbox.localhost,80-abc.sandbox.localhost",
+            )],
+            "host",
+        ),
+        (
+            vec![("x-sandbox-id", "abc"), ("x-sandbox-port", "8080, 80")],
+            "x-sandbox-port",
+        ),
+    ] {
+        let mut all = vec![(":path", "/")];
+        all.extend(pairs.iter().copied());
+        let reply = r.on_request_headers(&headers(&all)).await;
+        assert_eq!(destination(&reply), None, "{pairs:?} was routed");
+        let (code, body) = status(&reply).expect("an immediate answer");
+        assert_eq!(code, 400, "{pairs:?}");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["reason"], "duplicate", "{pairs:?}: {body}");
+        assert!(body["message"].as_str().unwrap().contains(name), "{body}");
+    }
+    // Once each is fine.
+    let reply = r
+        .on_request_headers(&headers(&[
+            (":path", "/"),
+            ("x-sandbox-id", "abc"),
+            ("x-sandbox-port", "8080"),
+        ]))
+        .await;
+    assert_eq!(destination(&reply).as_deref(), Some("10.1.2.3:8080"));
+}
+
+#[tokio::test]
+async fn an_http2_websocket_without_a_key_gets_one_for_its_http1_upgrade() {
+    let r = router();
+    let set = |reply: &ProcessingResponse| -> Vec<(String, Vec<u8>)> {
+        mutation(reply)
+            .set_headers
+            .iter()
+            .map(|h| {
+                let h = h.header.as_ref().unwrap();
+                (h.key.clone(), h.raw_value.clone())
+            })
+            .collect()
+    };
+    // As Envoy's codec hands an extended CONNECT on: an upgrade with no key.
+    let h2 = headers(&[
+        (":authority", "8080-abc.sandbox.localhost"),
+        (":method", "GET"),
+        ("upgrade", "websocket"),
+        ("connection", "upgrade"),
+        ("sec-websocket-version", "13"),
+        (":path", "/ws"),
+        ("x-request-id", "h2-ws"),
+    ]);
+    let keys = set(&r.on_request_headers(&h2).await);
+    let key = &keys
+        .iter()
+        .find(|(k, _)| k == "sec-websocket-key")
+        .expect("a key")
+        .1;
+    assert_eq!(key.len(), 24);
+    assert!(key.ends_with(b"=="));
+    // An HTTP/1.1 client's upgrade (with its key) is left alone, as is an upgrade to another
+    // protocol.
+    let h1 = headers(&[
+        (":authority", "8080-abc.sandbox.localhost"),
+        ("upgrade", "websocket"),
+        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ("x-request-id", "h1-ws"),
+    ]);
+    assert!(set(&r.on_request_headers(&h1).await).is_empty());
+    let other = headers(&[
+        (":authority", "8080-abc.sandbox.localhost"),
+        ("upgrade", "h2c"),
+        ("x-request-id", "other"),
+    ]);
+    // (A fresh router: this one already holds its two streams.)
+    assert!(set(&router().on_request_headers(&other).await).is_empty());
+    assert_ne!(super::websocket_key(), super::websocket_key(), "random");
+}
+
+#[tokio::test]
+async fn a_declared_h2c_port_asks_envoy_to_route_again_with_http2() {
+    let r = router();
+    let key = SandboxKey::new("abc").unwrap();
+    let mut route = r.resolver.index().get("abc").unwrap();
+    route.h2c.insert(50051);
+    r.resolver.index().apply(key, route);
+    let upstream = |reply: &ProcessingResponse| {
+        let ns = &reply.dynamic_metadata.as_ref().unwrap().fields[METADATA_NAMESPACE];
+        let Some(Kind::StructValue(lb)) = &ns.kind else {
+            panic!("no envoy.lb")
+        };
+        lb.fields
+            .get(METADATA_UPSTREAM)
+            .and_then(|v| match &v.kind {
+                Some(Kind::StringValue(s)) => Some(s.clone()),
+                _ => None,
+            })
+    };
+    let clears = |reply: &ProcessingResponse| match &reply.response {
+        Some(Resp::RequestHeaders(h)) => h.response.as_ref().unwrap().clear_route_cache,
+        _ => panic!("not a headers answer"),
+    };
+    let h2 = r
+        .on_request_headers(&headers(&[(":authority", "50051-abc.sandbox.localhost")]))
+        .await;
+    assert_eq!(upstream(&h2).as_deref(), Some(UPSTREAM_H2));
+    assert!(clears(&h2));
+    let h1 = r
+        .on_request_headers(&headers(&[(":authority", "8080-abc.sandbox.localhost")]))
+        .await;
+    assert_eq!(upstream(&h1), None);
+    assert!(!clears(&h1), "the route chosen before stays");
 }

@@ -25,6 +25,7 @@ fn route(ip: &str) -> PodRoute {
     PodRoute {
         ip: Some(ip.parse().unwrap()),
         default_port: None,
+        h2c: Default::default(),
         state: RouteState::Running,
         pod: 7,
         scope: 0,

@@ -154,6 +154,7 @@ fn route(i: usize) -> PodRoute {
     PodRoute {
         ip: Some(std::net::Ipv4Addr::from(0x0a00_0000 + i as u32).into()),
         default_port: Some(8080),
+        h2c: Default::default(),
         state: RouteState::Running,
         pod: i as u64,
         scope: 0,
@@ -194,6 +195,7 @@ async fn decision_bench(n: usize, iters: usize) -> (f64, f64) {
             template: sandgate_extproc::fastpath::RouteTemplate {
                 route_config: "sandboxes".into(),
                 cluster: "sandbox_pods_fast".into(),
+                cluster_h2: "sandbox_pods_fast_h2".into(),
                 header: "x-sandgate-destination".into(),
             },
             max_routes: 10_000,

@@ -10,6 +10,7 @@ fn template() -> Arc<RouteTemplate> {
     Arc::new(RouteTemplate {
         route_config: "rc".into(),
         cluster: "fast".into(),
+        cluster_h2: "fast_h2".into(),
         header: "x-dst".into(),
     })
 }
@@ -20,6 +21,7 @@ fn hot(t: &mut HotTable, host: &str, sandbox: &str, dest: &str) {
         Some(HotRoute {
             sandbox: SandboxKey::new(sandbox).unwrap(),
             dest: dest.parse().unwrap(),
+            h2: false,
         }),
     );
 }
