@@ -125,6 +125,44 @@ def shard_vhosts(n, count, host, pod_filter, match, prefix=""):
     return out
 
 
+def header_input(name):
+    return {"name": "h", "typed_config": {
+        "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
+        "header_name": name}}
+
+
+def matcher_shards(n, count, host, header, dest, match, predicates=False):
+    """Hosts 0..n in `count` shard virtual hosts (host i in shard i % count, domain
+    `*<i % count>.sandbox.localhost`), each a VirtualHost.matcher: an exact :authority map to a
+    route that sets the pod in `header` (the shipped layout), optionally behind the shipped
+    predicates (a comma in a routing header; a gRPC content type)."""
+    vhosts = []
+    for s in range(count):
+        entries = {host(i): {"action": {"name": str(i), "typed_config": {
+            "@type": "type.googleapis.com/envoy.config.route.v3.Route",
+            "name": f"sbx-{i}", "match": match,
+            "route": {"cluster": "fast", "timeout": "0s"},
+            "request_headers_to_add": [sets_header(header, dest(i))]}}}
+            for i in range(s, n, count)}
+        miss = {"action": {"name": "miss", "typed_config": {
+            "@type": "type.googleapis.com/envoy.config.route.v3.Route",
+            "match": {"prefix": "/"}, "direct_response": {"status": 404}}}}
+        tree = {"matcher_tree": {"input": header_input(":authority"), "exact_match_map": {"map": entries}},
+                "on_no_match": miss}
+        if predicates:
+            rules = [{"predicate": {"single_predicate": {"input": header_input(h), "value_match": {"contains": ","}}},
+                      "on_match": miss}
+                     for h in ("x-sandbox-id", "x-sandbox-port", "e2b-sandbox-id", "e2b-sandbox-port")]
+            rules.append({"predicate": {"single_predicate": {"input": header_input("content-type"),
+                          "value_match": {"safe_regex": {"google_re2": {}, "regex": "application/grpc([+;].*)?"}}}},
+                          "on_match": miss})
+            matcher = {"matcher_list": {"matchers": rules}, "on_no_match": {"matcher": tree}}
+        else:
+            matcher = tree
+        vhosts.append({"name": f"s{s}", "domains": [f"*{s}.sandbox.localhost"], "matcher": matcher})
+    return vhosts
+
+
 def set_metadata(fields):
     return {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.set_metadata.v3.Config",

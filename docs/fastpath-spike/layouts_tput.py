@@ -8,6 +8,10 @@ one direct_response upstream Envoy, wrk -t1 -c16 -d6s, rounds interleaved:
   cm      32 shard virtual hosts, a composite host -> set_metadata map (branch fastpath-shards)
   ch      the same with header_mutation instead of set_metadata
   fs      the same with set_filter_state (original_dst_address) instead
+  mx      10 shard virtual hosts (`*<last digit>.<domain>`), each a VirtualHost.matcher exact
+          :authority map to a route that sets the ORIGINAL_DST header (what ships since issue 25)
+  mxp     the same behind the shipped predicates: four routing headers holding a comma, and a
+          gRPC content type, checked before the map
 Run from the repo root: python3 docs/fastpath-spike/layouts_tput.py direct,vhnc,vh,cm,fs 4
 """
 import re
@@ -17,7 +21,7 @@ import sys
 
 from layouts_common import (
     CATCH_ALL_404, COMPOSITE, READS_METADATA, ROUTE, Envoy, admin, free_port, gate, listener,
-    original_dst, per_host_vhost, pod_addr, set_metadata, sets_header, shard_vhosts,
+    matcher_shards, original_dst, per_host_vhost, pod_addr, set_metadata, sets_header, shard_vhosts,
 )
 
 N, HOT, SHARDS = 10000, 1000, 32
@@ -62,6 +66,10 @@ def variant(v, port):
         cluster = original_dst({"use_http_header": True, "http_header_name": DEST_HEADER})
         filters = [COMPOSITE] if v == "vh" else []
         return [cluster], listener(port, filters, {"name": "r", "virtual_hosts": vhosts + [CATCH_ALL_404]})
+    if v in ("mx", "mxp"):
+        vhosts = matcher_shards(N, 10, host, DEST_HEADER, dest, dict(prefix="/", **VALID), v == "mxp")
+        cluster = original_dst({"use_http_header": True, "http_header_name": DEST_HEADER})
+        return [cluster], listener(port, [], {"name": "r", "virtual_hosts": vhosts + [CATCH_ALL_404]})
     vhosts = shard_vhosts(N, SHARDS, host, lambda i: pod_filter(v, i), dict(prefix="/", **VALID))
     reads = {"cm": READS_METADATA, "fs": {}}.get(v, {"use_http_header": True, "http_header_name": DEST_HEADER})
     return [original_dst(reads)], listener(port, [COMPOSITE], {"name": "r", "virtual_hosts": vhosts + [CATCH_ALL_404]})

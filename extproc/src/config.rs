@@ -128,6 +128,26 @@ pub struct Config {
     )]
     pub fast_path_cluster_h2: String,
 
+    /// The clusters of the ext_proc path (HTTP/1.1 and HTTP/2), which hot routes' shards fall
+    /// back to for hosts that are not hot. Must match the Envoy config.
+    #[arg(
+        long,
+        env = "SANDGATE_EXT_PROC_CLUSTER",
+        default_value = "sandbox_pods"
+    )]
+    pub ext_proc_cluster: String,
+    #[arg(
+        long,
+        env = "SANDGATE_EXT_PROC_CLUSTER_H2",
+        default_value = "sandbox_pods_h2"
+    )]
+    pub ext_proc_cluster_h2: String,
+
+    /// How long a sandbox may take to start its response on a hot route before Envoy answers
+    /// 504 (the per-try timeout of the catch-all route in the Envoy config: keep them equal).
+    #[arg(long, env = "SANDGATE_FAST_PATH_RESPONSE_TIMEOUT", default_value = "300s", value_parser = parse_duration)]
+    pub fast_path_response_timeout: Duration,
+
     /// The header that cluster takes the destination from; every hot route overwrites it.
     #[arg(
         long,

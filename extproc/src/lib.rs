@@ -224,6 +224,10 @@ fn fast_path_config(config: &Config) -> anyhow::Result<fastpath::FastPathConfig>
         "--fast-path-batch must be under half of --fast-path-ttl"
     );
     anyhow::ensure!(
+        !config.fast_path_response_timeout.is_zero(),
+        "--fast-path-response-timeout must be above zero"
+    );
+    anyhow::ensure!(
         !config.fast_path_activity_interval.is_zero(),
         "--fast-path-activity-interval must be above zero"
     );
@@ -236,6 +240,8 @@ fn fast_path_config(config: &Config) -> anyhow::Result<fastpath::FastPathConfig>
     for (flag, value) in [
         ("--fast-path-cluster", &config.fast_path_cluster),
         ("--fast-path-cluster-h2", &config.fast_path_cluster_h2),
+        ("--ext-proc-cluster", &config.ext_proc_cluster),
+        ("--ext-proc-cluster-h2", &config.ext_proc_cluster_h2),
         ("--fast-path-route-config", &config.fast_path_route_config),
     ] {
         anyhow::ensure!(
@@ -249,6 +255,9 @@ fn fast_path_config(config: &Config) -> anyhow::Result<fastpath::FastPathConfig>
             route_config: config.fast_path_route_config.clone(),
             cluster: config.fast_path_cluster.clone(),
             cluster_h2: config.fast_path_cluster_h2.clone(),
+            ext_proc_cluster: config.ext_proc_cluster.clone(),
+            ext_proc_cluster_h2: config.ext_proc_cluster_h2.clone(),
+            response_timeout: config.fast_path_response_timeout,
             header: config.fast_path_header.clone(),
         },
         max_routes: config.fast_path_max_routes as usize,

@@ -187,14 +187,15 @@ impl Envoy {
                 .into_iter()
                 .flatten()
             {
-                if let Some(h) = vh["name"]
+                if vh["name"]
                     .as_str()
-                    .and_then(|n| n.strip_prefix("sandboxes/"))
+                    .is_some_and(|n| n.starts_with("sandboxes/"))
                 {
-                    hosts.push(h.to_string());
+                    collect_map_keys(&vh["matcher"], &mut hosts);
                 }
             }
         }
+        hosts.sort();
         hosts
     }
 
@@ -253,7 +254,11 @@ pub fn without_fast_path(yaml: &str) -> String {
     cfg["static_resources"]["clusters"]
         .as_array_mut()
         .expect("clusters")
-        .retain(|c| c["name"] != "sandbox_pods_fast");
+        .retain(|c| {
+            !c["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("sandbox_pods_fast"))
+        });
     serde_yaml::to_string(&cfg).expect("yaml")
 }
 
@@ -278,4 +283,23 @@ pub fn direct(yaml: &str) -> String {
         }
     }
     serde_yaml::to_string(&cfg).expect("yaml")
+}
+
+/// The keys of every `exact_match_map` in a matcher tree (a shard's hot hosts).
+fn collect_map_keys(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(o) => {
+            for (k, v) in o {
+                if k == "exact_match_map" {
+                    if let Some(map) = v["map"].as_object() {
+                        out.extend(map.keys().cloned());
+                    }
+                } else {
+                    collect_map_keys(v, out);
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|v| collect_map_keys(v, out)),
+        _ => {}
+    }
 }

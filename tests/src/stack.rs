@@ -210,6 +210,8 @@ pub async fn spawn_extproc(
 ) -> Extproc {
     let envoy_admin_flag = format!("127.0.0.1:{envoy_admin}");
     let mut flags = vec![
+        // As the test Envoys' per-try timeout (`upstream_headers_timeout`).
+        "--fast-path-response-timeout=3s",
         "--domain",
         DOMAIN,
         "--namespace",

@@ -400,7 +400,11 @@ async fn the_hot_table_stays_within_its_bound() {
 
 /// An answer to `host` that Envoy gave on its own hot route (ext_proc not asked).
 async fn hot_answer(s: &Stack, host: &str) -> Reply {
-    eventually(5 * SEC, || async {
+    hot_answer_within(s, host, 5 * SEC).await
+}
+
+async fn hot_answer_within(s: &Stack, host: &str, within: Duration) -> Reply {
+    eventually(within, || async {
         let before = s.routed_by_ext_proc().await;
         let r = s.get(host, "/", &[]).await;
         let held = s.envoy.hot_hosts().await.iter().any(|h| h == host);
@@ -447,4 +451,88 @@ async fn failures_on_a_hot_route_answer_in_json_naming_the_sandbox() {
             r.body
         );
     }
+    // A port that accepts and never answers: a 504 within the per-try timeout (3 s here), as on
+    // the ext_proc path, not the stream idle timeout of an hour.
+    let hang = tokio::net::TcpListener::bind((pod_ip(&pod), 7002))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((c, _)) = hang.accept().await {
+            held.push(c);
+        }
+    });
+    let host = "7002-sbx-up.sandbox.localhost";
+    let started = Instant::now();
+    let r = hot_answer_within(&s, host, 30 * SEC).await;
+    let took = started.elapsed();
+    assert_eq!(r.status, 504, "{}", r.body);
+    assert_eq!(r.headers["content-type"], "application/json");
+    let body = r.json();
+    assert_eq!(
+        (
+            body["code"].as_i64(),
+            body["error"].as_str(),
+            body["sandbox_id"].as_str()
+        ),
+        (Some(504), Some("upstream timeout"), Some("sbx-up")),
+        "{}",
+        r.body
+    );
+    assert!(took < 20 * SEC, "the hot route waited {took:?}");
+}
+
+#[tokio::test]
+async fn a_routing_header_given_twice_on_a_hot_host_is_a_400() {
+    let s = Stack::start_with(ON).await;
+    s.sandbox("pod-dup", "sbx-dup", 8080).await;
+    let h = host("sbx-dup");
+    s.until_hot(&h, 5 * SEC).await;
+    let routed = s.routed_by_ext_proc().await;
+    for header in [
+        "x-sandbox-id",
+        "x-sandbox-port",
+        "e2b-sandbox-id",
+        "e2b-sandbox-port",
+    ] {
+        let r = s.get(&h, "/", &[(header, "8080"), (header, "80")]).await;
+        assert_eq!(r.status, 400, "{header}: {}", r.body);
+        assert_eq!(r.headers["content-type"], "application/json");
+        let body = r.json();
+        assert_eq!(body["code"], 400, "{}", r.body);
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(header),
+            "{}",
+            r.body
+        );
+    }
+    assert_eq!(
+        s.routed_by_ext_proc().await,
+        routed,
+        "answered by Envoy alone"
+    );
+    // Once is fine on the hot route.
+    let r = s.get(&h, "/", &[("x-sandbox-port", "80")]).await;
+    assert_eq!(served_by(&r), (200, Some("pod-dup".into())), "{}", r.body);
+    // Two Host headers (Envoy joins them): ext_proc answers 400.
+    let mut c = tokio::net::TcpStream::connect(s.envoy_addr())
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    c.write_all(
+        format!("GET / HTTP/1.1\r\nHost: {h}\r\nHost: 8080-sbx-other.sandbox.localhost\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert!(
+        out.contains("duplicate") || out.contains("more than once"),
+        "{out}"
+    );
 }

@@ -151,7 +151,7 @@ async fn serve(
                                 observer = Some(tokio::spawn(observe::run(
                                     admin,
                                     token.clone(),
-                                    fast.template.cluster.clone(),
+                                    vec![fast.template.cluster.clone(), fast.template.cluster_h2.clone()],
                                     fast.config.activity_interval,
                                     reading_tx.clone(),
                                 )));

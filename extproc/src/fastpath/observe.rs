@@ -170,9 +170,15 @@ pub fn read_timeout(interval: Duration) -> Duration {
     interval.clamp(Duration::from_millis(200), Duration::from_secs(2))
 }
 
-/// Reads `cluster`'s host counters from the Envoy at `admin`, after checking that its runtime
-/// holds `token`. Both calls go over one connection, so they reach the same process.
-pub async fn read(admin: SocketAddr, token: &str, cluster: &str, timeout: Duration) -> Reading {
+/// Reads the host counters of `clusters` (the hot routes' clusters) from the Envoy at `admin`,
+/// after checking that its runtime holds `token`. Both calls go over one connection, so they
+/// reach the same process.
+pub async fn read(
+    admin: SocketAddr,
+    token: &str,
+    clusters: &[String],
+    timeout: Duration,
+) -> Reading {
     let call = async {
         let stream = tokio::net::TcpStream::connect(admin)
             .await
@@ -197,10 +203,14 @@ pub async fn read(admin: SocketAddr, token: &str, cluster: &str, timeout: Durati
                 ))
             }
         }
-        let clusters = get(&mut sender, "/clusters").await?;
+        let text = get(&mut sender, "/clusters").await?;
         drop(sender);
         conn.abort();
-        Ok(parse_hosts(&clusters, cluster))
+        let mut hosts = HashMap::new();
+        for cluster in clusters {
+            hosts.extend(parse_hosts(&text, cluster));
+        }
+        Ok(hosts)
     };
     tokio::time::timeout(timeout, call)
         .await
@@ -244,7 +254,7 @@ pub fn runtime_value(json: &str, key: &str) -> Option<String> {
 pub async fn run(
     admin: SocketAddr,
     token: String,
-    cluster: String,
+    clusters: Vec<String>,
     interval: Duration,
     tx: mpsc::Sender<(Instant, Reading)>,
 ) {
@@ -255,7 +265,7 @@ pub async fn run(
         every.tick().await;
         // Stamped before the calls: counters read later only hold more.
         let at = Instant::now();
-        let reading = read(admin, &token, &cluster, timeout).await;
+        let reading = read(admin, &token, &clusters, timeout).await;
         if tx.send((at, reading)).await.is_err() {
             return;
         }

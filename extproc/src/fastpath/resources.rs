@@ -1,10 +1,21 @@
 //! The xDS resources the fast path sends Envoy. Protobuf stays in this module and in `ads`.
 //!
-//! - One `VirtualHost` per hot host (VHDS, named `<route config>/<host>`, as VHDS requires): its
-//!   one route sends everything to the fast cluster with the pod's `ip:port` in the header that
-//!   cluster reads (overwriting anything the client sent). It needs no per-route filter config
-//!   (about 1.2 KB each in Envoy): the ext_proc filter is off by default and only the catch-all
-//!   virtual host turns it on. Its name is the sandbox ID, which the access logs read back.
+//! - One `VirtualHost` per shard (VHDS, named `<route config>/<shard>`): a shard is every hot host
+//!   whose sandbox ID ends in the same character, and its virtual host's one domain is the
+//!   suffix wildcard `*<c>.<domain>` ([`super::table::shard_of`]). Its routes are a matcher tree
+//!   (Envoy's generic matching API), one hash probe in the router:
+//!   1. a routing header given twice (Envoy joins repeats with a comma) is a 400;
+//!   2. gRPC goes through ext_proc (its route picks HTTP/2);
+//!   3. an exact map on `:authority`: each hot host → a route that sends to the fast cluster (or
+//!      its HTTP/2 twin for an h2c port) with the pod's `ip:port` in the header that cluster
+//!      reads (overwriting anything the client sent), gated by the validity flag; its name is the
+//!      sandbox ID, which the access logs read back;
+//!   4. anything else (a host not hot, in capitals, …) goes through ext_proc, as on the catch-all
+//!      virtual host of the bootstrap.
+//!
+//!   The shard's retry policy (connect failures, and the per-try timeout that answers a hung
+//!   sandbox with a 504) is set once for all its routes. A hot route needs no per-route filter
+//!   config: the ext_proc filter is off by default, and only ext_proc routes turn it on.
 //! - One `Runtime` layer (RTDS) per stream holding the validity flag and the stream's identity
 //!   token, sent with a TTL and refreshed every quarter of it. Every hot route matches only while
 //!   the flag is 100: when sandgate stops refreshing it (dead, hung, disconnected) Envoy drops the
@@ -12,21 +23,49 @@
 //!   hot host then answers 503 with `retry-after` until sandgate confirms its table again. The
 //!   token lets the stream's observer prove whose counters it reads ([`super::observe`]).
 
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::{
-    header_value_option::HeaderAppendAction, HeaderValue, HeaderValueOption,
-    RuntimeFractionalPercent,
+    data_source::Specifier, header_value_option::HeaderAppendAction, DataSource, HeaderValue,
+    HeaderValueOption, RuntimeFractionalPercent,
 };
 use envoy_types::pb::envoy::config::route::v3::{
-    route::Action, route_action::ClusterSpecifier, route_match::PathSpecifier, Route, RouteAction,
+    retry_policy::RetryBackOff, route::Action, route_action::ClusterSpecifier,
+    route_match::PathSpecifier, DirectResponseAction, RetryPolicy, Route, RouteAction, RouteList,
     RouteMatch, VirtualHost,
+};
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::{
+    ext_proc_per_route::Override, ExtProcOverrides, ExtProcPerRoute,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{
+    metadata_matcher::{path_segment::Segment, PathSegment},
+    string_matcher::MatchPattern as EnvoyPattern,
+    value_matcher::MatchPattern as ValuePattern,
+    HttpRequestHeaderMatchInput, MetadataMatcher, StringMatcher as EnvoyStringMatcher,
+    ValueMatcher,
 };
 use envoy_types::pb::envoy::r#type::v3::FractionalPercent;
 use envoy_types::pb::envoy::service::discovery::v3::Resource;
 use envoy_types::pb::envoy::service::runtime::v3::Runtime;
-use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+use envoy_types::pb::google::protobuf::{value::Kind, Struct, UInt32Value, Value};
+use envoy_types::pb::xds::core::v3::TypedExtensionConfig;
+use envoy_types::pb::xds::r#type::matcher::v3::{
+    matcher::{
+        matcher_list::{
+            predicate::{single_predicate, MatchType, SinglePredicate},
+            FieldMatcher, Predicate,
+        },
+        matcher_tree::{MatchMap, TreeType},
+        on_match, MatcherList, MatcherTree, MatcherType, OnMatch,
+    },
+    regex_matcher::{EngineType, GoogleRe2},
+    string_matcher::MatchPattern,
+    Matcher, RegexMatcher, StringMatcher,
+};
 use envoy_types::util::pack_any;
+use sandgate_shared::address::{E2B_HEADER_ID, E2B_HEADER_PORT, HEADER_ID, HEADER_PORT};
 
 use super::table::HotRoute;
 
@@ -37,50 +76,119 @@ pub const RUNTIME_LAYER: &str = "sandgate-fast-path";
 /// The runtime key every hot route's match reads: 100 while the hot routes are valid, absent (so
 /// 0: no hot route matches) otherwise.
 pub const VALID_KEY: &str = "sandgate.fast_path.valid";
+/// Connect failures retried on every sandbox route (a listener that starts a little late).
+pub const CONNECT_RETRIES: u32 = 10;
 
-/// What every hot route shares; must agree with the bootstrap (`envoy/bootstrap.yaml.in`).
+/// What every shard shares; must agree with the bootstrap (`envoy/bootstrap.yaml.in`), which a
+/// test checks.
 #[derive(Debug, Clone)]
 pub struct RouteTemplate {
     /// The route configuration whose VHDS namespace the virtual hosts live in.
     pub route_config: String,
     /// The ORIGINAL_DST cluster only hot routes reach (HTTP/1.1 upstream); it reads `header`.
     pub cluster: String,
-    /// Its twin speaking HTTP/2 cleartext, for gRPC and for ports the sandbox declares h2c.
+    /// Its twin speaking HTTP/2 cleartext, for ports the sandbox declares h2c.
     pub cluster_h2: String,
     /// The header that cluster takes the destination from.
     pub header: String,
+    /// The clusters of the ext_proc path (destination from ext_proc's metadata), HTTP/1.1 and
+    /// HTTP/2.
+    pub ext_proc_cluster: String,
+    pub ext_proc_cluster_h2: String,
+    /// How long a sandbox may take to start its response before a 504 (the per-try timeout).
+    pub response_timeout: Duration,
 }
 
 impl RouteTemplate {
-    /// The VHDS resource name of a host.
-    pub fn resource_name(&self, host: &str) -> String {
-        format!("{}/{host}", self.route_config)
+    /// The VHDS resource name of a shard.
+    pub fn resource_name(&self, shard: &str) -> String {
+        format!("{}/{shard}", self.route_config)
     }
 
-    /// The host a VHDS resource name stands for, if it is one of ours.
-    pub fn host_of<'a>(&self, resource_name: &'a str) -> Option<&'a str> {
+    /// The shard a VHDS resource name stands for, if it is one of ours.
+    pub fn shard_of_resource<'a>(&self, resource_name: &'a str) -> Option<&'a str> {
         resource_name
             .strip_prefix(self.route_config.as_str())?
             .strip_prefix('/')
     }
 
-    /// The VHDS resource for one hot host. Its version is the destination, so Envoy's
-    /// `initial_resource_versions` on a reconnect say exactly what it routes where.
-    pub fn virtual_host(&self, host: &str, route: HotRoute) -> Resource {
-        let name = self.resource_name(host);
+    /// The VHDS resource for one shard and its hot hosts (in order).
+    pub fn shard<'h>(
+        &self,
+        shard: &str,
+        hosts: impl IntoIterator<Item = (&'h str, HotRoute)>,
+    ) -> Resource {
+        let name = self.resource_name(shard);
+        let mut map = HashMap::new();
+        let mut version = std::collections::hash_map::DefaultHasher::new();
+        for (host, route) in hosts {
+            (host, route.dest, route.h2).hash(&mut version);
+            map.insert(host.to_string(), action(host, self.hot_route(route)));
+        }
+        let by_authority = Matcher {
+            matcher_type: Some(MatcherType::MatcherTree(MatcherTree {
+                input: Some(header_input(":authority")),
+                tree_type: Some(TreeType::ExactMatchMap(MatchMap { map })),
+            })),
+            on_no_match: Some(Box::new(self.ext_proc_action())),
+        };
+        let mut first = Vec::new();
+        for header in [HEADER_ID, HEADER_PORT, E2B_HEADER_ID, E2B_HEADER_PORT] {
+            first.push(FieldMatcher {
+                predicate: Some(header_matches(header, MatchPattern::Contains(",".into()))),
+                on_match: Some(action("duplicate", duplicate_header(header))),
+            });
+        }
+        // gRPC, not gRPC-Web: ext_proc's route picks HTTP/2 for it.
+        first.push(FieldMatcher {
+            predicate: Some(header_matches(
+                "content-type",
+                MatchPattern::SafeRegex(RegexMatcher {
+                    regex: "application/grpc([+;].*)?".into(),
+                    engine_type: Some(EngineType::GoogleRe2(GoogleRe2 {})),
+                }),
+            )),
+            on_match: Some(self.ext_proc_action()),
+        });
+        let vhost = VirtualHost {
+            name: name.clone(),
+            domains: vec![shard.to_string()],
+            matcher: Some(Matcher {
+                matcher_type: Some(MatcherType::MatcherList(MatcherList { matchers: first })),
+                on_no_match: Some(Box::new(OnMatch {
+                    on_match: Some(on_match::OnMatch::Matcher(Box::new(by_authority))),
+                    ..Default::default()
+                })),
+            }),
+            retry_policy: Some(self.retry_policy()),
+            ..Default::default()
+        };
+        Resource {
+            name,
+            version: format!("{:016x}", version.finish()),
+            resource: Some(pack_any(vhost)),
+            ..Default::default()
+        }
+    }
+
+    fn hot_route(&self, route: HotRoute) -> Route {
         let cluster = if route.h2 {
             &self.cluster_h2
         } else {
             &self.cluster
         };
-        let vhost = VirtualHost {
-            name: name.clone(),
-            domains: vec![host.to_string()],
-            // gRPC goes over HTTP/2 whatever the port says.
-            routes: vec![
-                self.route(route, &self.cluster_h2, true),
-                self.route(route, cluster, false),
-            ],
+        Route {
+            name: route.sandbox.as_str().to_string(),
+            r#match: Some(RouteMatch {
+                path_specifier: Some(PathSpecifier::Prefix("/".into())),
+                // Matches only while sandgate's validity flag is in Envoy's runtime.
+                runtime_fraction: Some(RuntimeFractionalPercent {
+                    default_value: Some(FractionalPercent::default()),
+                    runtime_key: VALID_KEY.into(),
+                }),
+                ..Default::default()
+            }),
+            action: Some(Action::Route(to_cluster(cluster))),
             request_headers_to_add: vec![HeaderValueOption {
                 header: Some(HeaderValue {
                     key: self.header.clone(),
@@ -91,48 +199,152 @@ impl RouteTemplate {
                 ..Default::default()
             }],
             ..Default::default()
+        }
+    }
+
+    /// The ext_proc path, as the bootstrap's catch-all virtual host has it: gRPC and ports
+    /// ext_proc marks h2c over HTTP/2, the rest over HTTP/1.1, the ext_proc filter on.
+    pub fn ext_proc_routes(&self) -> Vec<Route> {
+        let on = ExtProcPerRoute {
+            r#override: Some(Override::Overrides(ExtProcOverrides::default())),
         };
-        Resource {
-            name,
-            version: version(route),
-            resource: Some(pack_any(vhost)),
+        let filters: HashMap<_, _> =
+            [("envoy.filters.http.ext_proc".to_string(), pack_any(on))].into();
+        let route = |m: RouteMatch, cluster: &str| Route {
+            r#match: Some(RouteMatch {
+                path_specifier: Some(PathSpecifier::Prefix("/".into())),
+                ..m
+            }),
+            action: Some(Action::Route(to_cluster(cluster))),
+            typed_per_filter_config: filters.clone(),
+            ..Default::default()
+        };
+        let h2c = MetadataMatcher {
+            filter: "envoy.lb".into(),
+            path: vec![PathSegment {
+                segment: Some(Segment::Key(crate::grpc::METADATA_UPSTREAM.into())),
+            }],
+            value: Some(ValueMatcher {
+                match_pattern: Some(ValuePattern::StringMatch(EnvoyStringMatcher {
+                    match_pattern: Some(EnvoyPattern::Exact(crate::grpc::UPSTREAM_H2.into())),
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        };
+        vec![
+            route(
+                RouteMatch {
+                    grpc: Some(Default::default()),
+                    ..Default::default()
+                },
+                &self.ext_proc_cluster_h2,
+            ),
+            route(
+                RouteMatch {
+                    dynamic_metadata: vec![h2c],
+                    ..Default::default()
+                },
+                &self.ext_proc_cluster_h2,
+            ),
+            route(RouteMatch::default(), &self.ext_proc_cluster),
+        ]
+    }
+
+    fn ext_proc_action(&self) -> OnMatch {
+        OnMatch {
+            on_match: Some(on_match::OnMatch::Action(TypedExtensionConfig {
+                name: "ext_proc".into(),
+                typed_config: Some(pack_any(RouteList {
+                    routes: self.ext_proc_routes(),
+                })),
+            })),
             ..Default::default()
         }
     }
 
-    fn route(&self, route: HotRoute, cluster: &str, grpc: bool) -> Route {
-        Route {
-            name: route.sandbox.as_str().to_string(),
-            r#match: Some(RouteMatch {
-                path_specifier: Some(PathSpecifier::Prefix("/".into())),
-                // Matches only while sandgate's validity flag is in Envoy's runtime.
-                runtime_fraction: Some(RuntimeFractionalPercent {
-                    default_value: Some(FractionalPercent::default()),
-                    runtime_key: VALID_KEY.into(),
-                }),
-                grpc: grpc.then(Default::default),
-                ..Default::default()
+    /// Connect failures retried (nothing was sent) with jittered backoff, about 2 s in all; the
+    /// per-try timeout bounds only the wait for response headers: a hung sandbox gets a 504.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            retry_on: "connect-failure".into(),
+            num_retries: Some(UInt32Value {
+                value: CONNECT_RETRIES,
             }),
-            action: Some(Action::Route(RouteAction {
-                cluster_specifier: Some(ClusterSpecifier::Cluster(cluster.to_string())),
-                // No overall timeout: long polls and streams are the sandbox's business. No retry
-                // policy either (about 4 KB of Envoy memory per route): connect failures are
-                // retried through the route configuration's x-envoy-retry-on header instead.
-                timeout: Some(proto_duration(Duration::ZERO)),
-                ..Default::default()
-            })),
+            per_try_timeout: Some(proto_duration(self.response_timeout)),
+            retry_back_off: Some(RetryBackOff {
+                base_interval: Some(proto_duration(Duration::from_millis(100))),
+                max_interval: Some(proto_duration(Duration::from_millis(500))),
+            }),
             ..Default::default()
         }
     }
 }
 
-/// The version string of a hot route: its destination and upstream protocol, so Envoy's
-/// `initial_resource_versions` on a reconnect say exactly what it routes where.
-pub fn version(route: HotRoute) -> String {
-    if route.h2 {
-        format!("{}/h2", route.dest)
-    } else {
-        route.dest.to_string()
+/// No overall timeout: long polls and streams are the sandbox's business.
+fn to_cluster(cluster: &str) -> RouteAction {
+    RouteAction {
+        cluster_specifier: Some(ClusterSpecifier::Cluster(cluster.to_string())),
+        timeout: Some(proto_duration(Duration::ZERO)),
+        ..Default::default()
+    }
+}
+
+fn header_input(header: &str) -> TypedExtensionConfig {
+    TypedExtensionConfig {
+        name: "header".into(),
+        typed_config: Some(pack_any(HttpRequestHeaderMatchInput {
+            header_name: header.into(),
+        })),
+    }
+}
+
+fn header_matches(header: &str, pattern: MatchPattern) -> Predicate {
+    Predicate {
+        match_type: Some(MatchType::SinglePredicate(SinglePredicate {
+            input: Some(header_input(header)),
+            matcher: Some(single_predicate::Matcher::ValueMatch(StringMatcher {
+                match_pattern: Some(pattern),
+                ..Default::default()
+            })),
+        })),
+    }
+}
+
+fn action(name: &str, route: Route) -> OnMatch {
+    OnMatch {
+        on_match: Some(on_match::OnMatch::Action(TypedExtensionConfig {
+            name: name.into(),
+            typed_config: Some(pack_any(route)),
+        })),
+        ..Default::default()
+    }
+}
+
+/// A 400 for a routing header given twice; Envoy's local-reply mapper makes the text a JSON
+/// `{code, message}` answer, as ext_proc's.
+fn duplicate_header(header: &str) -> Route {
+    let message = sandgate_shared::AddressError::Duplicate(match header {
+        HEADER_ID => HEADER_ID,
+        HEADER_PORT => HEADER_PORT,
+        E2B_HEADER_ID => E2B_HEADER_ID,
+        _ => E2B_HEADER_PORT,
+    })
+    .to_string();
+    Route {
+        r#match: Some(RouteMatch {
+            path_specifier: Some(PathSpecifier::Prefix("/".into())),
+            ..Default::default()
+        }),
+        action: Some(Action::DirectResponse(DirectResponseAction {
+            status: 400,
+            body: Some(DataSource {
+                specifier: Some(Specifier::InlineString(message)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })),
+        ..Default::default()
     }
 }
 
@@ -176,103 +388,4 @@ fn proto_duration(d: Duration) -> envoy_types::pb::google::protobuf::Duration {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::index::SandboxKey;
-    use prost::Message;
-
-    fn template() -> RouteTemplate {
-        RouteTemplate {
-            route_config: "sandboxes".into(),
-            cluster: "sandbox_pods_fast".into(),
-            cluster_h2: "sandbox_pods_fast_h2".into(),
-            header: "x-sandgate-destination".into(),
-        }
-    }
-
-    #[test]
-    fn a_hot_host_is_one_vhost_whose_route_overwrites_the_destination_header() {
-        let t = template();
-        let r = t.virtual_host(
-            "8080-sbx-a.sandbox.example.com",
-            HotRoute {
-                sandbox: SandboxKey::new("sbx-a").unwrap(),
-                dest: "10.1.2.3:8080".parse().unwrap(),
-                h2: false,
-            },
-        );
-        assert_eq!(r.name, "sandboxes/8080-sbx-a.sandbox.example.com");
-        assert_eq!(r.version, "10.1.2.3:8080");
-        let any = r.resource.unwrap();
-        assert_eq!(any.type_url, VIRTUAL_HOST_TYPE);
-        let vh = VirtualHost::decode(any.value.as_slice()).unwrap();
-        // VHDS removes by resource name and keys vhosts by their own name: the two must agree.
-        assert_eq!(vh.name, r.name);
-        assert_eq!(vh.domains, ["8080-sbx-a.sandbox.example.com"]);
-        // gRPC first, over HTTP/2; then everything else, over HTTP/1.1.
-        let grpc = &vh.routes[0];
-        assert!(grpc.r#match.as_ref().unwrap().grpc.is_some());
-        let Some(Action::Route(action)) = &grpc.action else {
-            panic!("not a route action")
-        };
-        assert_eq!(
-            action.cluster_specifier,
-            Some(ClusterSpecifier::Cluster("sandbox_pods_fast_h2".into()))
-        );
-        let route = &vh.routes[1];
-        assert_eq!(route.name, "sbx-a");
-        let add = &vh.request_headers_to_add[0];
-        assert_eq!(
-            add.append_action,
-            HeaderAppendAction::OverwriteIfExistsOrAdd as i32
-        );
-        let h = add.header.as_ref().unwrap();
-        assert_eq!(
-            (h.key.as_str(), h.value.as_str()),
-            ("x-sandgate-destination", "10.1.2.3:8080")
-        );
-        let Some(Action::Route(action)) = &route.action else {
-            panic!("not a route action")
-        };
-        assert_eq!(
-            action.cluster_specifier,
-            Some(ClusterSpecifier::Cluster("sandbox_pods_fast".into()))
-        );
-        // No per-route filter config (about 1.2 KB each in Envoy): ext_proc is off by default
-        // and only the catch-all virtual host turns it on.
-        assert!(route.typed_per_filter_config.is_empty());
-        assert!(action.retry_policy.is_none());
-        let gate = route
-            .r#match
-            .as_ref()
-            .unwrap()
-            .runtime_fraction
-            .as_ref()
-            .unwrap();
-        assert_eq!(gate.runtime_key, VALID_KEY);
-        assert_eq!(
-            gate.default_value.unwrap().numerator,
-            0,
-            "off without the flag"
-        );
-        assert_eq!(t.host_of(&r.name), Some("8080-sbx-a.sandbox.example.com"));
-        assert_eq!(t.host_of("other/x.example.com"), None);
-    }
-
-    #[test]
-    fn the_runtime_layer_carries_its_ttl_the_flag_and_the_stream_token() {
-        for (valid, flag) in [(true, 100.0), (false, 0.0)] {
-            let r = runtime_layer(Duration::from_millis(1500), 7, valid, "tok");
-            assert_eq!((r.name.as_str(), r.version.as_str()), (RUNTIME_LAYER, "7"));
-            let ttl = r.ttl.unwrap();
-            assert_eq!((ttl.seconds, ttl.nanos), (1, 500_000_000));
-            let rt = Runtime::decode(r.resource.unwrap().value.as_slice()).unwrap();
-            let fields = rt.layer.unwrap().fields;
-            assert_eq!(fields[VALID_KEY].kind, Some(Kind::NumberValue(flag)));
-            assert_eq!(
-                fields[super::super::observe::STREAM_KEY].kind,
-                Some(Kind::StringValue("tok".into()))
-            );
-        }
-    }
-}
+mod tests;

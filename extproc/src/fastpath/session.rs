@@ -1,11 +1,13 @@
 //! One Envoy's delta ADS stream, as a state machine with no I/O (driven by `ads`).
 //!
 //! Two resource types share the stream:
-//! - **VirtualHost** (VHDS): the hot routes. The first push of a stream answers Envoy's first
-//!   request: every hot route Envoy does not already hold with the same destination, and the
-//!   removal of everything it holds that is not current (after a restart of either side, Envoy
-//!   names what it holds in `initial_resource_versions`). Later pushes carry only what changed.
-//!   One push is in flight at a time; the next waits for its acknowledgement.
+//! - **VirtualHost** (VHDS): the hot routes, one virtual host per shard ([`super::resources`]).
+//!   The first push of a stream answers Envoy's first request: every shard Envoy does not
+//!   already hold at the same version (its version hashes its contents), and the removal of
+//!   everything it holds that is not current (after a restart of either side, Envoy names what it
+//!   holds in `initial_resource_versions`). Later pushes carry only the shards that changed,
+//!   each whole. One push is in flight at a time; the next waits for its acknowledgement, so the
+//!   changes made meanwhile (many hosts turning hot at once, say) go out together.
 //! - **Runtime** (RTDS): one layer holding the validity flag and the stream's identity token,
 //!   sent with a TTL and refreshed every quarter TTL. The flag is on while the first push has
 //!   been acknowledged and no push has waited longer than [`UNACKNOWLEDGED_TTLS`] TTLs; it is
@@ -18,7 +20,7 @@
 //! Hot routes go only to a stream that is serving ([`Session::set_serving`]): one whose Envoy's
 //! counters are being read. A stream that stops serving has every hot route removed.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -29,7 +31,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 
 use super::resources::{self, RouteTemplate, RUNTIME_LAYER, RUNTIME_TYPE, VIRTUAL_HOST_TYPE};
-use super::table::{Changes, HotRoute, HotTable};
+use super::table::{shard_of, Changes, HotRoute, HotTable};
 
 /// How many TTLs a push may wait for its acknowledgement before the flag is withdrawn.
 pub const UNACKNOWLEDGED_TTLS: u32 = 5;
@@ -63,6 +65,13 @@ struct InFlight {
     cursor: u64,
 }
 
+/// One shard as Envoy holds it.
+#[derive(Debug, Clone, Default)]
+struct SentShard {
+    version: String,
+    hosts: Vec<(String, HotRoute)>,
+}
+
 /// What a push carried, for metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PushStats {
@@ -88,8 +97,8 @@ pub struct Session {
     vhds_subscribed: bool,
     /// What Envoy said it held when it subscribed, until the first push answers it.
     initial: Option<HashMap<String, String>>,
-    /// What Envoy holds once the push in flight applies.
-    sent: HashMap<String, HotRoute>,
+    /// What Envoy holds once the push in flight applies: shard → its version and hosts.
+    sent: HashMap<String, SentShard>,
     cursor: u64,
     /// The table cursor Envoy has confirmed applying.
     applied: u64,
@@ -133,7 +142,7 @@ impl Session {
 
     /// Hot routes Envoy holds (or will, once the push in flight applies).
     pub fn held(&self) -> usize {
-        self.sent.len()
+        self.sent.values().map(|s| s.hosts.len()).sum()
     }
 
     /// Whether the validity flag is currently sent as on.
@@ -167,7 +176,11 @@ impl Session {
     /// The destinations of the hot routes Envoy holds (or will, once the push in flight
     /// applies), with their sandboxes.
     pub fn held_destinations(&self) -> HashMap<SocketAddr, SandboxKey> {
-        self.sent.values().map(|r| (r.dest, r.sandbox)).collect()
+        self.sent
+            .values()
+            .flat_map(|s| &s.hosts)
+            .map(|(_, r)| (r.dest, r.sandbox))
+            .collect()
     }
 
     /// The table cursor of the last push.
@@ -266,7 +279,8 @@ impl Session {
         Ok(self.validity(now, true).into_iter().collect())
     }
 
-    /// The next VHDS push, if one is due and none is in flight.
+    /// The next VHDS push, if one is due and none is in flight: every shard that changed since
+    /// the last push, whole (a shard's virtual host is replaced at once).
     pub fn push(
         &mut self,
         table: &HotTable,
@@ -275,38 +289,47 @@ impl Session {
         if !self.vhds_subscribed || self.in_flight.is_some() {
             return None;
         }
-        let mut resources = Vec::new();
         let mut removed = Vec::new();
         let first = !self.synced;
-        if let Some(initial) = self.initial.take() {
-            // Envoy keeps what it holds with the same destination, gets the current destination
-            // (below) for a host still hot, and loses the rest.
+        let mut dirty: BTreeSet<String> = BTreeSet::new();
+        let everything = if let Some(initial) = self.initial.take() {
+            // Envoy holds these from an earlier stream: the shards it holds at the version this
+            // table would give them are kept; the rest are replaced or removed.
             for (name, version) in initial {
-                let current = self
-                    .template
-                    .host_of(&name)
-                    .and_then(|host| Some((host, table.get(host)?)))
-                    .filter(|_| self.enabled && self.serving);
-                match current {
-                    Some((host, r)) if resources::version(r) == version => {
-                        self.sent.insert(host.to_string(), r);
+                match self.template.shard_of_resource(&name) {
+                    Some(shard) => {
+                        self.sent.insert(
+                            shard.to_string(),
+                            SentShard {
+                                version,
+                                hosts: Vec::new(),
+                            },
+                        );
                     }
-                    Some(_) => {}
                     None => removed.push(name),
                 }
             }
-            self.diff_all(table, &mut resources, &mut removed);
+            true
         } else if std::mem::take(&mut self.resync) {
-            self.diff_all(table, &mut resources, &mut removed);
+            true
         } else {
             match table.changed_since(self.cursor) {
-                Changes::Everything => self.diff_all(table, &mut resources, &mut removed),
+                Changes::Everything => true,
                 Changes::Hosts(hosts) => {
-                    for host in hosts {
-                        self.diff_one(&host, table, &mut resources, &mut removed);
-                    }
+                    dirty.extend(hosts.iter().filter_map(|h| shard_of(h)));
+                    false
                 }
             }
+        };
+        if everything {
+            dirty.extend(self.sent.keys().cloned());
+            if self.enabled && self.serving {
+                dirty.extend(table.shards().map(str::to_string));
+            }
+        }
+        let mut resources = Vec::new();
+        for shard in dirty {
+            self.diff_shard(&shard, table, &mut resources, &mut removed);
         }
         self.cursor = table.cursor();
         if !first && resources.is_empty() && removed.is_empty() {
@@ -337,43 +360,38 @@ impl Session {
         ))
     }
 
-    fn diff_all(
+    /// Brings one shard in Envoy to what the table holds (nothing, when not serving).
+    fn diff_shard(
         &mut self,
+        shard: &str,
         table: &HotTable,
         resources: &mut Vec<envoy_types::pb::envoy::service::discovery::v3::Resource>,
         removed: &mut Vec<String>,
     ) {
-        let mut hosts: Vec<String> = self.sent.keys().cloned().collect();
-        if self.enabled && self.serving {
-            hosts.extend(table.iter().map(|(h, _)| h.to_string()));
-        }
-        hosts.sort_unstable();
-        hosts.dedup();
-        for host in hosts {
-            self.diff_one(&host, table, resources, removed);
-        }
-    }
-
-    fn diff_one(
-        &mut self,
-        host: &str,
-        table: &HotTable,
-        resources: &mut Vec<envoy_types::pb::envoy::service::discovery::v3::Resource>,
-        removed: &mut Vec<String>,
-    ) {
-        let want = table.get(host).filter(|_| self.enabled && self.serving);
-        match (want, self.sent.get(host)) {
-            (Some(r), Some(d)) if *d == r => {}
-            (Some(r), _) => {
-                resources.push(self.template.virtual_host(host, r));
-                self.sent.insert(host.to_string(), r);
+        let hosts: Vec<(String, HotRoute)> = if self.enabled && self.serving {
+            table
+                .shard(shard)
+                .map(|(h, r)| (h.to_string(), r))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if hosts.is_empty() {
+            if self.sent.remove(shard).is_some() {
+                removed.push(self.template.resource_name(shard));
             }
-            (None, Some(_)) => {
-                removed.push(self.template.resource_name(host));
-                self.sent.remove(host);
-            }
-            (None, None) => {}
+            return;
         }
+        let resource = self
+            .template
+            .shard(shard, hosts.iter().map(|(h, r)| (h.as_str(), *r)));
+        let held = self.sent.get(shard).map(|s| s.version.as_str());
+        let version = resource.version.clone();
+        if held != Some(version.as_str()) {
+            resources.push(resource);
+        }
+        self.sent
+            .insert(shard.to_string(), SentShard { version, hosts });
     }
 
     fn wants_valid(&self, now: Instant) -> bool {

@@ -5,7 +5,7 @@
 //! index. Every change is numbered in a log, so each xDS stream sends Envoy only what changed since
 //! its last push (a stream too far behind is resent everything).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 
 use crate::index::SandboxKey;
@@ -28,9 +28,21 @@ pub enum Changes {
     Everything,
 }
 
+/// The shard a host belongs to: the suffix wildcard domain its shard's virtual host matches,
+/// `*<c>.<domain>` where `c` is the last character of the host's first label (the sandbox ID's last
+/// character, random for sandgate's IDs). `None` for a host no wildcard can match (a one-character
+/// label: Envoy's wildcards never match an empty string).
+pub fn shard_of(host: &str) -> Option<String> {
+    let (label, domain) = host.split_once('.')?;
+    let last = label.chars().last()?;
+    (label.len() >= 2 && !domain.is_empty()).then(|| format!("*{last}.{domain}"))
+}
+
 pub struct HotTable {
     routes: HashMap<String, HotRoute>,
     hosts_of: HashMap<SandboxKey, Vec<String>>,
+    /// Shard → its hosts, in order (a shard's virtual host lists them so).
+    shards: HashMap<String, BTreeSet<String>>,
     log: VecDeque<(u64, String)>,
     seq: u64,
     /// Log entries at or below this sequence were dropped.
@@ -44,6 +56,7 @@ impl HotTable {
         HotTable {
             routes: HashMap::new(),
             hosts_of: HashMap::new(),
+            shards: HashMap::new(),
             log: VecDeque::new(),
             seq: 0,
             trimmed_through: 0,
@@ -72,16 +85,50 @@ impl HotTable {
         self.routes.iter().map(|(h, r)| (h.as_str(), *r))
     }
 
+    /// The hot hosts of one shard (see [`shard_of`]).
+    pub fn shard(&self, shard: &str) -> impl Iterator<Item = (&str, HotRoute)> {
+        self.shards
+            .get(shard)
+            .into_iter()
+            .flatten()
+            .filter_map(|h| Some((h.as_str(), *self.routes.get(h)?)))
+    }
+
+    /// Every shard that holds a host.
+    pub fn shards(&self) -> impl Iterator<Item = &str> {
+        self.shards.keys().map(String::as_str)
+    }
+
     /// The hot hosts of one sandbox.
     pub fn hosts_of(&self, sandbox: &SandboxKey) -> &[String] {
         self.hosts_of.get(sandbox).map_or(&[], Vec::as_slice)
     }
 
     /// Sets a host's route, or removes the host with `None`. Returns whether anything changed.
+    /// A host no shard can hold is never set.
     pub fn set(&mut self, host: &str, route: Option<HotRoute>) -> bool {
         let old = self.routes.get(host).copied();
         if old == route {
             return false;
+        }
+        let Some(shard) = shard_of(host) else {
+            return false;
+        };
+        match route {
+            Some(_) => {
+                self.shards
+                    .entry(shard)
+                    .or_default()
+                    .insert(host.to_string());
+            }
+            None => {
+                if let Some(hosts) = self.shards.get_mut(&shard) {
+                    hosts.remove(host);
+                    if hosts.is_empty() {
+                        self.shards.remove(&shard);
+                    }
+                }
+            }
         }
         if let Some(old) = old {
             if route.is_none_or(|r| r.sandbox != old.sandbox) {
@@ -190,28 +237,60 @@ mod tests {
     fn set_tracks_hosts_per_sandbox_and_reports_only_changes() {
         let mut t = HotTable::new(10);
         assert!(t.set("8080-a.d", route("a", "10.0.0.1:8080")));
-        assert!(t.set("a.d", route("a", "10.0.0.1:3000")));
-        assert!(!t.set("a.d", route("a", "10.0.0.1:3000")), "same route");
-        assert_eq!(t.hosts_of(&key("a")), ["8080-a.d", "a.d"]);
-        assert!(t.set("a.d", route("a", "10.0.0.2:3000")), "new IP");
+        assert!(t.set("aa.d", route("a", "10.0.0.1:3000")));
+        assert!(!t.set("aa.d", route("a", "10.0.0.1:3000")), "same route");
+        assert_eq!(t.hosts_of(&key("a")), ["8080-a.d", "aa.d"]);
+        assert!(t.set("aa.d", route("a", "10.0.0.2:3000")), "new IP");
         assert!(t.set("8080-a.d", None));
         assert!(!t.set("8080-a.d", None), "already gone");
-        assert_eq!(t.hosts_of(&key("a")), ["a.d"]);
-        assert!(t.set("a.d", None));
+        assert_eq!(t.hosts_of(&key("a")), ["aa.d"]);
+        assert!(t.set("aa.d", None));
         assert!(t.hosts_of(&key("a")).is_empty() && t.is_empty());
+    }
+
+    #[test]
+    fn hosts_are_sharded_by_the_last_character_of_their_sandbox_id() {
+        assert_eq!(
+            shard_of("8080-sbx-a1c.sandbox.example.com").as_deref(),
+            Some("*c.sandbox.example.com")
+        );
+        assert_eq!(shard_of("sbx-a1c.d").as_deref(), Some("*c.d"));
+        assert_eq!(
+            shard_of("c.d"),
+            None,
+            "no wildcard matches a one-character label"
+        );
+        assert_eq!(shard_of("nodomain"), None);
+        let mut t = HotTable::new(10);
+        t.set("80-ab.d", route("ab", "10.0.0.1:80"));
+        t.set("ab.d", route("ab", "10.0.0.1:3000"));
+        t.set("80-xc.d", route("xc", "10.0.0.2:80"));
+        assert!(
+            !t.set("c.d", route("c", "10.0.0.3:80")),
+            "unshardable: never hot"
+        );
+        let hosts =
+            |t: &HotTable, s: &str| t.shard(s).map(|(h, _)| h.to_string()).collect::<Vec<_>>();
+        assert_eq!(hosts(&t, "*b.d"), ["80-ab.d", "ab.d"]);
+        assert_eq!(hosts(&t, "*c.d"), ["80-xc.d"]);
+        t.set("80-xc.d", None);
+        assert!(hosts(&t, "*c.d").is_empty());
+        let mut shards: Vec<_> = t.shards().collect();
+        shards.sort();
+        assert_eq!(shards, ["*b.d"]);
     }
 
     #[test]
     fn changes_since_a_cursor_name_each_host_once() {
         let mut t = HotTable::new(10);
-        t.set("x.d", route("x", "10.0.0.1:1"));
+        t.set("xx.d", route("x", "10.0.0.1:1"));
         let c = t.cursor();
-        t.set("y.d", route("y", "10.0.0.2:1"));
-        t.set("x.d", None);
-        t.set("y.d", route("y", "10.0.0.3:1"));
+        t.set("yy.d", route("y", "10.0.0.2:1"));
+        t.set("xx.d", None);
+        t.set("yy.d", route("y", "10.0.0.3:1"));
         assert_eq!(
             t.changed_since(c),
-            Changes::Hosts(vec!["y.d".into(), "x.d".into()])
+            Changes::Hosts(vec!["yy.d".into(), "xx.d".into()])
         );
         assert_eq!(t.changed_since(t.cursor()), Changes::Hosts(vec![]));
         assert_eq!(t.changed_since(t.cursor() + 1), Changes::Everything);
@@ -219,7 +298,7 @@ mod tests {
         assert_eq!(t.changed_since(c), Changes::Everything, "trimmed past it");
         assert_eq!(
             t.changed_since(c + 1),
-            Changes::Hosts(vec!["x.d".into(), "y.d".into()])
+            Changes::Hosts(vec!["xx.d".into(), "yy.d".into()])
         );
     }
 
@@ -228,7 +307,7 @@ mod tests {
         let mut t = HotTable::new(1);
         for i in 0..5000 {
             t.set(
-                "h.d",
+                "hh.d",
                 route("h", &format!("10.0.{}.{}:1", i / 250, i % 250)),
             );
         }

@@ -12,6 +12,9 @@ fn template() -> Arc<RouteTemplate> {
         cluster: "fast".into(),
         cluster_h2: "fast_h2".into(),
         header: "x-dst".into(),
+        ext_proc_cluster: "pods".into(),
+        ext_proc_cluster_h2: "pods_h2".into(),
+        response_timeout: Duration::from_secs(300),
     })
 }
 
@@ -133,39 +136,58 @@ fn the_first_push_answers_even_an_empty_table_and_then_routes_turn_valid() {
 fn a_reconnecting_envoy_keeps_what_is_current_and_loses_the_rest() {
     let now = Instant::now();
     let mut table = HotTable::new(10);
-    hot(&mut table, "a.d", "a", "10.0.0.1:80");
-    hot(&mut table, "b.d", "b", "10.0.0.2:80");
-    hot(&mut table, "c.d", "c", "10.0.0.3:80");
+    hot(&mut table, "80-xa.d", "xa", "10.0.0.1:80");
+    hot(&mut table, "80-xb.d", "xb", "10.0.0.2:80");
+    hot(&mut table, "80-xc.d", "xc", "10.0.0.3:80");
+    let current = template().shard("*a.d", table.shard("*a.d")).version;
     let mut s = session(true);
     let held = [
-        ("rc/a.d", "10.0.0.1:80"),    // current: kept, not resent
-        ("rc/b.d", "10.0.0.9:80"),    // moved: resent with its new destination
-        ("rc/gone.d", "10.0.0.4:80"), // released while we were apart
-        ("other/x.d", "1"),           // not ours
+        ("rc/*a.d", current.as_str()), // current: kept, not resent
+        ("rc/*b.d", "0"),              // changed: resent
+        ("rc/*g.d", "0"),              // released while we were apart
+        ("other/x.d", "1"),            // not ours
     ];
     s.on_request(subscribe(VIRTUAL_HOST_TYPE, &held), now)
         .unwrap();
     let (first, stats) = s.push(&table, now).unwrap();
     assert_eq!(
         names(&first),
-        (vec!["rc/b.d", "rc/c.d"], vec!["other/x.d", "rc/gone.d"])
+        (vec!["rc/*b.d", "rc/*c.d"], vec!["other/x.d", "rc/*g.d"])
     );
     assert_eq!((stats.upserts, stats.removals), (2, 2));
     assert_eq!(s.held(), 3);
 }
 
 #[test]
+fn a_shard_goes_out_whole_with_every_host_it_holds() {
+    let now = Instant::now();
+    let mut table = HotTable::new(10);
+    let mut s = synced(&table, now);
+    hot(&mut table, "80-xa.d", "xa", "10.0.0.1:80");
+    hot(&mut table, "3000-xa.d", "xa", "10.0.0.1:3000");
+    hot(&mut table, "80-ya.d", "ya", "10.0.0.2:80");
+    let (p, _) = s.push(&table, now).unwrap();
+    assert_eq!(
+        names(&p),
+        (vec!["rc/*a.d"], vec![]),
+        "three hosts, one shard"
+    );
+    assert_eq!(s.held(), 3);
+    assert_eq!(s.held_destinations().len(), 3);
+}
+
+#[test]
 fn later_pushes_carry_only_changes_one_at_a_time() {
     let now = Instant::now();
     let mut table = HotTable::new(10);
-    hot(&mut table, "a.d", "a", "10.0.0.1:80");
+    hot(&mut table, "80-xa.d", "a", "10.0.0.1:80");
     let mut s = synced(&table, now);
     assert!(s.push(&table, now).is_none(), "nothing changed");
-    hot(&mut table, "b.d", "b", "10.0.0.2:80");
+    hot(&mut table, "80-xb.d", "b", "10.0.0.2:80");
     let (p1, _) = s.push(&table, now).unwrap();
-    assert_eq!(names(&p1), (vec!["rc/b.d"], vec![]));
+    assert_eq!(names(&p1), (vec!["rc/*b.d"], vec![]));
     // A release while that push is in flight waits for its acknowledgement.
-    table.set("a.d", None);
+    table.set("80-xa.d", None);
     assert!(s.push(&table, now).is_none());
     s.on_request(ack(VIRTUAL_HOST_TYPE, "stale-nonce"), now)
         .unwrap();
@@ -173,12 +195,12 @@ fn later_pushes_carry_only_changes_one_at_a_time() {
     s.on_request(ack(VIRTUAL_HOST_TYPE, &p1.nonce), now)
         .unwrap();
     let (p2, _) = s.push(&table, now).unwrap();
-    assert_eq!(names(&p2), (vec![], vec!["rc/a.d"]));
+    assert_eq!(names(&p2), (vec![], vec!["rc/*a.d"]));
     // A host added and removed between pushes costs nothing.
     s.on_request(ack(VIRTUAL_HOST_TYPE, &p2.nonce), now)
         .unwrap();
-    hot(&mut table, "c.d", "c", "10.0.0.3:80");
-    table.set("c.d", None);
+    hot(&mut table, "80-xc.d", "c", "10.0.0.3:80");
+    table.set("80-xc.d", None);
     assert!(s.push(&table, now).is_none());
 }
 
@@ -190,14 +212,14 @@ fn a_stream_far_behind_is_compared_in_full() {
     for i in 0..3000 {
         hot(
             &mut table,
-            "h.d",
+            "80-xh.d",
             "h",
             &format!("10.0.{}.{}:80", i / 200, i % 200),
         );
     }
     table.trim(0);
     let (p, _) = s.push(&table, now).unwrap();
-    assert_eq!(names(&p), (vec!["rc/h.d"], vec![]));
+    assert_eq!(names(&p), (vec!["rc/*h.d"], vec![]));
 }
 
 #[test]
@@ -205,7 +227,7 @@ fn a_rejected_push_ends_the_stream() {
     let now = Instant::now();
     let mut table = HotTable::new(10);
     let mut s = synced(&table, now);
-    hot(&mut table, "a.d", "a", "10.0.0.1:80");
+    hot(&mut table, "80-xa.d", "a", "10.0.0.1:80");
     let (p, _) = s.push(&table, now).unwrap();
     let mut nack = ack(VIRTUAL_HOST_TYPE, &p.nonce);
     nack.error_detail = Some(RpcStatus {
@@ -225,7 +247,7 @@ fn validity_is_refreshed_while_pushes_land_and_withdrawn_when_one_is_late() {
     assert!(s.validity(t0, false).is_some(), "turned on");
     assert!(s.validity(t0 + TTL / 8, false).is_none(), "not due yet");
     assert!(s.validity(t0 + TTL / 4, false).is_some(), "refreshed");
-    hot(&mut table, "a.d", "a", "10.0.0.1:80");
+    hot(&mut table, "80-xa.d", "a", "10.0.0.1:80");
     let t1 = t0 + TTL / 4;
     let (p, _) = s.push(&table, t1).unwrap();
     // Still applying it (a large table): the flag is refreshed meanwhile.
@@ -248,16 +270,16 @@ fn validity_is_refreshed_while_pushes_land_and_withdrawn_when_one_is_late() {
 fn with_the_fast_path_off_envoy_is_answered_emptied_and_never_told_routes_are_valid() {
     let now = Instant::now();
     let mut table = HotTable::new(10);
-    hot(&mut table, "a.d", "a", "10.0.0.1:80");
+    hot(&mut table, "80-xa.d", "a", "10.0.0.1:80");
     let mut s = session(false);
     s.on_request(subscribe(RUNTIME_TYPE, &[]), now).unwrap();
     s.on_request(
-        subscribe(VIRTUAL_HOST_TYPE, &[("rc/a.d", "10.0.0.1:80")]),
+        subscribe(VIRTUAL_HOST_TYPE, &[("rc/*a.d", "10.0.0.1:80")]),
         now,
     )
     .unwrap();
     let (first, _) = s.push(&table, now).unwrap();
-    assert_eq!(names(&first), (vec![], vec!["rc/a.d"]));
+    assert_eq!(names(&first), (vec![], vec!["rc/*a.d"]));
     s.on_request(ack(VIRTUAL_HOST_TYPE, &first.nonce), now)
         .unwrap();
     assert!(s.validity(now, false).is_none());
@@ -268,8 +290,8 @@ fn with_the_fast_path_off_envoy_is_answered_emptied_and_never_told_routes_are_va
 fn a_stream_that_stops_serving_loses_every_hot_route_and_gets_them_back_later() {
     let now = Instant::now();
     let mut table = HotTable::new(10);
-    hot(&mut table, "a.d", "sbx-a", "10.0.0.1:80");
-    hot(&mut table, "b.d", "sbx-b", "10.0.0.2:80");
+    hot(&mut table, "80-xa.d", "sbx-a", "10.0.0.1:80");
+    hot(&mut table, "80-xb.d", "sbx-b", "10.0.0.2:80");
     // Not read yet: Envoy is answered, with no route.
     let mut s = Session::new(template(), TTL, true, "tok".into());
     s.on_request(subscribe(VIRTUAL_HOST_TYPE, &[]), now)
@@ -285,24 +307,24 @@ fn a_stream_that_stops_serving_loses_every_hot_route_and_gets_them_back_later() 
     assert!(s.set_serving(true));
     assert!(!s.set_serving(true), "no change");
     let (p, _) = s.push(&table, now).unwrap();
-    assert_eq!(names(&p), (vec!["rc/a.d", "rc/b.d"], vec![]));
+    assert_eq!(names(&p), (vec!["rc/*a.d", "rc/*b.d"], vec![]));
     assert!(!s.holds_nothing());
     assert_eq!(s.held_destinations().len(), 2);
     s.on_request(ack(VIRTUAL_HOST_TYPE, &p.nonce), now).unwrap();
     // Unread: everything is removed; until that applies, Envoy still holds it.
     assert!(s.set_serving(false));
     let (p, _) = s.push(&table, now).unwrap();
-    assert_eq!(names(&p), (vec![], vec!["rc/a.d", "rc/b.d"]));
+    assert_eq!(names(&p), (vec![], vec!["rc/*a.d", "rc/*b.d"]));
     assert!(!s.holds_nothing(), "the removal is in flight");
     assert!(s.applied() < u64::MAX, "an eviction waits for it");
     s.on_request(ack(VIRTUAL_HOST_TYPE, &p.nonce), now).unwrap();
     assert!(s.holds_nothing());
     // Changes meanwhile are not sent; serving again sends the table as it is then.
-    table.set("a.d", None);
+    table.set("80-xa.d", None);
     assert!(s.push(&table, now).is_none());
     s.set_serving(true);
     let (p, _) = s.push(&table, now).unwrap();
-    assert_eq!(names(&p), (vec!["rc/b.d"], vec![]));
+    assert_eq!(names(&p), (vec!["rc/*b.d"], vec![]));
 }
 
 #[test]
@@ -316,9 +338,9 @@ fn envoy_has_applied_the_table_once_it_acknowledges_the_push_that_carried_it() {
         .unwrap();
     // Subscribed with routes from an earlier stream: nothing is confirmed yet.
     assert_eq!(s.applied(), 0);
-    hot(&mut table, "a.example", "sbx-a", "10.0.0.1:80");
+    hot(&mut table, "80-xa.example", "sbx-a", "10.0.0.1:80");
     let (first, _) = s.push(&table, now).unwrap();
-    hot(&mut table, "b.example", "sbx-b", "10.0.0.2:80");
+    hot(&mut table, "80-xb.example", "sbx-b", "10.0.0.2:80");
     // The second change waits for the first push's answer.
     assert!(s.push(&table, now).is_none());
     assert_eq!(s.applied(), 0);
@@ -330,12 +352,12 @@ fn envoy_has_applied_the_table_once_it_acknowledges_the_push_that_carried_it() {
         .unwrap();
     assert_eq!(s.applied(), table.cursor());
     // A change that cancels out needs no push, and Envoy already holds the result.
-    table.set("b.example", None);
-    hot(&mut table, "b.example", "sbx-b", "10.0.0.2:80");
+    table.set("80-xb.example", None);
+    hot(&mut table, "80-xb.example", "sbx-b", "10.0.0.2:80");
     assert!(s.push(&table, now).is_none());
     assert_eq!(s.applied(), table.cursor());
     // A rejected push never counts as applied.
-    table.set("a.example", None);
+    table.set("80-xa.example", None);
     let (third, _) = s.push(&table, now).unwrap();
     let mut nack = ack(VIRTUAL_HOST_TYPE, &third.nonce);
     nack.error_detail = Some(RpcStatus {
