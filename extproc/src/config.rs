@@ -70,6 +70,12 @@ pub struct Config {
     #[arg(long, env = "SANDGATE_MAX_STREAMS_PER_SANDBOX", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_streams_per_sandbox: u32,
 
+    /// The sandboxes' envd port (E2B's 49983): only the paths the SDK calls (`/health`, `/files`,
+    /// the process and filesystem RPCs) are routed there, envd's internal ones (`/init`, ...)
+    /// answer 403 on every method, and its hosts are never hot. `0` treats it as any other port.
+    #[arg(long, env = "SANDGATE_ENVD_PORT", default_value_t = 49983)]
+    pub envd_port: u16,
+
     /// Envoy's admin address in the same pod, used by `/drain` and `/ready/envoy`.
     #[arg(long, env = "SANDGATE_ENVOY_ADMIN", default_value = "127.0.0.1:9901")]
     pub envoy_admin: SocketAddr,

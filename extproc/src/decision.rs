@@ -46,6 +46,10 @@ pub enum Decision<'a> {
     NoPort {
         id: Cow<'a, str>,
     },
+    /// A path on the sandbox's envd port that only the control plane may use (`/init`, ...): 403.
+    EnvdInternal {
+        id: Cow<'a, str>,
+    },
 }
 
 impl Decision<'_> {
@@ -58,8 +62,60 @@ impl Decision<'_> {
             Decision::LookupFailed { .. } => Outcome::lookup_failed,
             Decision::TooManyStreams { .. } => Outcome::too_many_streams,
             Decision::BadRequest(_) | Decision::NoPort { .. } => Outcome::bad_request,
+            Decision::EnvdInternal { .. } => Outcome::forbidden,
         }
     }
+}
+
+/// Whether a request path may reach envd from outside: the SDK's calls (`/health`, `/files`,
+/// the `process.Process` and `filesystem.Filesystem` RPCs) and nothing else, judged on the path
+/// percent-decoded and with dot segments and empty segments removed, so `/files/../init` and
+/// `/%69nit` are the `/init` they mean. Everything else on that port (envd's `/init`, `/envs`,
+/// `/metrics`, E2B's freeze and upgrade family, whatever a later envd adds) is for the control
+/// plane, which reaches the pod directly.
+pub fn envd_path_allowed(path: &[u8]) -> bool {
+    let path = path.split(|b| *b == b'?').next().unwrap_or(b"");
+    let decoded = percent_decode(path);
+    let mut segments: Vec<&[u8]> = Vec::new();
+    for seg in decoded.split(|b| *b == b'/') {
+        match seg {
+            b"" | b"." => {}
+            b".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    match segments.as_slice() {
+        [b"health"] | [b"files"] => true,
+        [service, method] => {
+            (*service == b"process.Process" || *service == b"filesystem.Filesystem")
+                && !method.is_empty()
+        }
+        _ => false,
+    }
+}
+
+fn percent_decode(p: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(p.len());
+    let mut i = 0;
+    while i < p.len() {
+        if p[i] == b'%' && i + 2 < p.len() {
+            if let (Some(h), Some(l)) = (hex(p[i + 1]), hex(p[i + 2])) {
+                out.push(h << 4 | l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(p[i]);
+        i += 1;
+    }
+    // Decoding twice catches a %25-encoded percent sign meant for a second decoder.
+    if out.contains(&b'%') && out != p {
+        return percent_decode(&out);
+    }
+    out
 }
 
 /// Decides for a parsed address. The destination IP only ever comes from `resolved`.
@@ -117,6 +173,39 @@ mod tests {
             pod: 1,
             scope: 0,
         })
+    }
+
+    #[test]
+    fn only_the_sdks_envd_paths_pass_the_gateway() {
+        for ok in [
+            &b"/health"[..],
+            b"/files?path=/tmp/x&username=user",
+            b"/process.Process/Start",
+            b"/filesystem.Filesystem/ListDir",
+            b"//files",
+        ] {
+            assert!(envd_path_allowed(ok), "{}", String::from_utf8_lossy(ok));
+        }
+        for no in [
+            &b"/init"[..],
+            b"/INIT",
+            b"/%69nit",
+            b"/%2569nit",
+            b"/files/../init",
+            b"/files/%2e%2e/init",
+            b"/./init",
+            b"/envs",
+            b"/metrics",
+            b"/upgrade",
+            b"/freeze",
+            b"/files/compose",
+            b"/process.Process/",
+            b"/other.Service/Start",
+            b"/",
+            b"",
+        ] {
+            assert!(!envd_path_allowed(no), "{}", String::from_utf8_lossy(no));
+        }
     }
 
     #[test]

@@ -28,7 +28,7 @@ use sandgate_shared::address::{
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::activity::ActivityTable;
-use crate::decision::{decide, Decision};
+use crate::decision::{decide, envd_path_allowed, Decision};
 use crate::fastpath::FastPath;
 use crate::index::SandboxKey;
 use crate::metrics::Metrics;
@@ -64,6 +64,8 @@ pub struct Router {
     /// Upgrades are opened here at their start; the access-log stream refreshes and closes them.
     pub streams: Arc<StreamTable>,
     pub max_streams_per_sandbox: u32,
+    /// The envd port: only the SDK's paths reach it (see [`envd_path_allowed`]).
+    pub envd_port: Option<u16>,
     /// Told of every request routed by host, so its host can be routed inside Envoy next time.
     pub fast: Option<Arc<FastPath>>,
 }
@@ -196,9 +198,29 @@ impl Router {
             }
             Err(e) => Decision::BadRequest(e),
         };
-        if let Decision::Route { id, .. } = &decision {
+        if let Decision::Route {
+            id,
+            dest,
+            rewritten_path,
+            ..
+        } = &decision
+        {
+            if Some(dest.port()) == self.envd_port {
+                let path = rewritten_path
+                    .as_deref()
+                    .map(str::as_bytes)
+                    .unwrap_or(parts.path);
+                if !envd_path_allowed(path) {
+                    decision = Decision::EnvdInternal { id: id.clone() };
+                }
+            }
+        }
+        if let Decision::Route { id, dest, .. } = &decision {
+            // envd's port never goes hot: its paths are checked here, on every request.
             if let (Some(fast), Some(form)) = (&self.fast, form) {
-                fast.offer(parts.authority, form, id);
+                if Some(dest.port()) != self.envd_port {
+                    fast.offer(parts.authority, form, id);
+                }
             }
             if let Some(key) = SandboxKey::new(id) {
                 if upgrade {
@@ -354,6 +376,13 @@ fn encode(decision: Decision<'_>, fixes: HeaderFixes) -> ProcessingResponse {
                    "open_streams": open,
                    "message": format!("The sandbox {id} has {open} streams open, the most allowed; close one and retry")}),
             true,
+        ),
+        Decision::EnvdInternal { id } => immediate(
+            403,
+            "sandgate_envd_internal",
+            json!({"code": 403, "error": "envd internal route", "sandbox_id": id,
+                   "message": format!("This path of the sandbox {id}'s envd is for the control plane only")}),
+            false,
         ),
         Decision::NoPort { id } => immediate(
             400,

@@ -158,6 +158,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         activity,
         streams,
         max_streams_per_sandbox: config.max_streams_per_sandbox,
+        envd_port: (config.envd_port != 0).then_some(config.envd_port),
         fast: Some(fast.clone()),
     });
     let grace = config.shutdown_grace;
@@ -265,6 +266,7 @@ fn fast_path_config(config: &Config) -> anyhow::Result<fastpath::FastPathConfig>
         batch: config.fast_path_batch,
         activity_interval: config.fast_path_activity_interval,
         envoy_admin: config.envoy_admin,
+        envd_port: (config.envd_port != 0).then_some(config.envd_port),
     })
 }
 

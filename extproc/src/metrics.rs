@@ -24,6 +24,7 @@ pub enum Outcome {
     bad_request,
     lookup_failed,
     too_many_streams,
+    forbidden,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -46,6 +47,7 @@ pub struct Metrics {
     bad_request: Counter,
     lookup_failed: Counter,
     too_many_streams: Counter,
+    forbidden: Counter,
     pub cache_hits: Counter,
     pub cache_misses: Counter,
     pub lookups_found: Counter,
@@ -140,6 +142,7 @@ impl Metrics {
             bad_request: outcome(Outcome::bad_request),
             lookup_failed: outcome(Outcome::lookup_failed),
             too_many_streams: outcome(Outcome::too_many_streams),
+            forbidden: outcome(Outcome::forbidden),
             cache_hits: result(&cache, "hit"),
             cache_misses: result(&cache, "miss"),
             lookups_found: result(&lookups, "found"),
@@ -164,6 +167,7 @@ impl Metrics {
             Outcome::bad_request => &self.bad_request,
             Outcome::lookup_failed => &self.lookup_failed,
             Outcome::too_many_streams => &self.too_many_streams,
+            Outcome::forbidden => &self.forbidden,
         }
     }
 }

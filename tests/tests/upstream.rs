@@ -289,6 +289,29 @@ async fn e2b_headers_route_and_only_they_are_stripped() {
         )
         .await;
     assert_json_error(&r, 502, "The sandbox sbx-gone was not found");
+    // envd's internal routes are the control plane's: refused whatever the address form or
+    // encoding, and never made hot (the host form is asked twice, as a hot host would be).
+    for (host, path, headers) in [
+        (
+            "gateway.example",
+            "/init",
+            vec![("E2b-Sandbox-Id", "sbx-e2b"), ("E2b-Sandbox-Port", "49983")],
+        ),
+        (
+            "49983-sbx-e2b.sandbox.localhost",
+            "/files/%2e%2e/init",
+            vec![],
+        ),
+        (
+            "49983-sbx-e2b.sandbox.localhost",
+            "/files/%2e%2e/init",
+            vec![],
+        ),
+        ("gateway.example", "/sandboxes/sbx-e2b/49983/envs", vec![]),
+    ] {
+        let r = s.get(host, path, &headers).await;
+        assert_json_error(&r, 403, "is for the control plane only");
+    }
 }
 
 #[tokio::test]

@@ -68,6 +68,8 @@ pub struct FastPathConfig {
     /// The admin address of an Envoy that does not name its own in its node metadata
     /// ([`observe::ADMIN_METADATA_KEY`]).
     pub envoy_admin: SocketAddr,
+    /// The envd port, whose hosts are never hot (ext_proc checks every path on it).
+    pub envd_port: Option<u16>,
 }
 
 impl FastPathConfig {
@@ -313,7 +315,7 @@ impl FastPath {
                 dest,
                 rewritten_path: None,
                 h2,
-            } => Some(HotRoute {
+            } if Some(dest.port()) != self.config.envd_port => Some(HotRoute {
                 sandbox: SandboxKey::new(&id)?,
                 dest,
                 h2,

@@ -44,6 +44,7 @@ fn fixture(enabled: bool, max_routes: usize) -> Fixture {
             batch: Duration::from_millis(10),
             activity_interval: Duration::from_secs(1),
             envoy_admin: "127.0.0.1:1".parse().unwrap(),
+            envd_port: Some(49983),
         },
         AddressConfig::new(["sandbox.localhost"]).unwrap(),
         Some(80),
@@ -97,6 +98,24 @@ fn an_offered_host_gets_its_destination_from_the_index() {
     );
     assert_eq!(f.dest("8080-sbx-gone.sandbox.localhost"), None);
     assert_eq!(f.fast.len(), 2);
+}
+
+#[test]
+fn envds_port_is_never_made_hot() {
+    let f = fixture(true, 100);
+    f.index
+        .apply(key("sbx-a"), running("10.0.0.1", Some(49983), 1));
+    // By its own port, or as the pod's default port: ext_proc must see every envd path.
+    f.offer("49983-sbx-a.sandbox.localhost", "sbx-a");
+    f.offer("sbx-a.sandbox.localhost", "sbx-a");
+    f.offer("8080-sbx-a.sandbox.localhost", "sbx-a");
+    f.fast.sync_once();
+    assert_eq!(f.dest("49983-sbx-a.sandbox.localhost"), None);
+    assert_eq!(f.dest("sbx-a.sandbox.localhost"), None);
+    assert_eq!(
+        f.dest("8080-sbx-a.sandbox.localhost").as_deref(),
+        Some("10.0.0.1:8080")
+    );
 }
 
 #[test]

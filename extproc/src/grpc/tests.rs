@@ -57,6 +57,7 @@ fn router() -> Router {
         )),
         activity,
         max_streams_per_sandbox: 2,
+        envd_port: Some(49983),
         fast: None,
     }
 }
@@ -162,7 +163,7 @@ async fn e2b_headers_route_and_are_removed_and_other_headers_pass() {
     let reply = r
         .on_request_headers(&headers(&[
             (":authority", "gw"),
-            (":path", "/"),
+            (":path", "/process.Process/Start"),
             ("e2b-sandbox-id", "abc"),
             ("e2b-sandbox-port", "49983"),
             ("x-access-token", "secret"),
@@ -173,6 +174,51 @@ async fn e2b_headers_route_and_are_removed_and_other_headers_pass() {
         mutation(&reply).remove_headers,
         vec!["e2b-sandbox-id", "e2b-sandbox-port"]
     );
+}
+
+#[tokio::test]
+async fn envds_internal_routes_are_refused_on_every_address_form() {
+    let r = router();
+    for (path, authority, extra) in [
+        (
+            "/init",
+            "gw",
+            vec![("e2b-sandbox-id", "abc"), ("e2b-sandbox-port", "49983")],
+        ),
+        ("/files/%2e%2e/init", "49983-abc.sandbox.localhost", vec![]),
+        ("/sandboxes/abc/49983/init", "gw", vec![]),
+        (
+            "/envs",
+            "gw",
+            vec![("x-sandbox-id", "abc"), ("x-sandbox-port", "49983")],
+        ),
+    ] {
+        let mut h = vec![
+            (":authority", authority),
+            (":path", path),
+            (":method", "POST"),
+        ];
+        h.extend(extra);
+        let reply = r.on_request_headers(&headers(&h)).await;
+        let (code, body) = status(&reply).expect("an immediate answer");
+        assert_eq!(code, 403, "{path} on {authority}: {body}");
+        assert!(body.contains("control plane"), "{body}");
+    }
+    // The SDK's own calls pass, and other ports are not affected.
+    let reply = r
+        .on_request_headers(&headers(&[
+            (":authority", "49983-abc.sandbox.localhost"),
+            (":path", "/files?path=/tmp/x"),
+        ]))
+        .await;
+    assert_eq!(destination(&reply).as_deref(), Some("10.1.2.3:49983"));
+    let reply = r
+        .on_request_headers(&headers(&[
+            (":authority", "8080-abc.sandbox.localhost"),
+            (":path", "/init"),
+        ]))
+        .await;
+    assert_eq!(destination(&reply).as_deref(), Some("10.1.2.3:8080"));
 }
 
 #[tokio::test]

@@ -206,6 +206,7 @@ async fn decision_bench(n: usize, iters: usize) -> (f64, f64) {
             batch: Duration::from_millis(50),
             activity_interval: Duration::from_secs(3600),
             envoy_admin: ([127, 0, 0, 1], 1).into(),
+            envd_port: Some(49983),
         },
         addresses.clone(),
         None,
@@ -225,6 +226,7 @@ async fn decision_bench(n: usize, iters: usize) -> (f64, f64) {
         )),
         activity,
         max_streams_per_sandbox: 1000,
+        envd_port: Some(49983),
         fast: Some(fast.clone()),
     };
     // Prebuilt requests, as Envoy would send them.
