@@ -69,4 +69,15 @@ pub struct Config {
     /// Log format: text or json.
     #[arg(long, env = "SANDGATE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+
+    /// A key (at least 32 bytes) from which secure sandboxes' envd access tokens are derived;
+    /// every replica needs the same one. Without it a random key of this process is used, so
+    /// `connect` on another replica or after a restart gives a token the sandbox refuses.
+    #[arg(long, env = "SANDGATE_ENVD_TOKEN_KEY_FILE")]
+    pub envd_token_key_file: Option<std::path::PathBuf>,
+
+    /// The port sandgate-envd listens on in pods of pools annotated `sandgate.dev/e2b-envd:
+    /// sandgate`, where create calls its `/init`.
+    #[arg(long, env = "SANDGATE_ENVD_PORT", default_value_t = 49983)]
+    pub envd_port: u16,
 }

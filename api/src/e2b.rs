@@ -67,6 +67,9 @@ pub struct Sandbox {
     #[serde(rename = "clientID")]
     pub client_id: String,
     pub envd_version: String,
+    /// Sandboxes whose envd checks a token (secure sandboxes of sandgate-envd pools).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub envd_access_token: Option<String>,
     pub domain: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub alias: Option<String>,
@@ -175,13 +178,20 @@ pub fn sandbox(claim: &SandboxClaim, pool: Option<&SandboxPool>, domain: Option<
         .and_then(|p| p.metadata.annotations.as_ref())
         .and_then(|a| a.get(ANN_ENVD_VERSION))
         .cloned()
-        .unwrap_or_else(|| DEFAULT_ENVD_VERSION.into());
+        .unwrap_or_else(|| {
+            if crate::envd::runs_sandgate_envd(pool) {
+                crate::envd::SANDGATE_ENVD_VERSION.into()
+            } else {
+                DEFAULT_ENVD_VERSION.into()
+            }
+        });
     Sandbox {
         alias: (template != claim.spec.pool_name).then(|| template.clone()),
         template_id: claim.spec.pool_name.clone(),
         sandbox_id: sandbox_id(claim).unwrap_or_default().to_string(),
         client_id: "sandgate".into(),
         envd_version: envd,
+        envd_access_token: None,
         domain: domain.map(str::to_string),
     }
 }

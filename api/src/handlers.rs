@@ -165,7 +165,9 @@ impl App {
             )
             .with_header("should-retry", "false"));
         }
-        let claim = self.claim_for(team, &req, &pool_name, lifetime, idempotency_key)?;
+        // As on E2B today, `secure` is not a choice: every sandgate-envd sandbox gets a token.
+        let secure = crate::envd::runs_sandgate_envd(Some(pool));
+        let claim = self.claim_for(team, &req, &pool_name, lifetime, idempotency_key, secure)?;
         let name = match self
             .claims_api()
             .create(&PostParams::default(), &claim)
@@ -194,7 +196,11 @@ impl App {
             .create_seconds
             .observe(started.elapsed().as_secs_f64());
         let pool = self.pool_of(&bound);
-        let sandbox = e2b::sandbox(&bound, pool.as_deref(), self.domain());
+        let token = self
+            .init_envd(&bound, pool.as_deref(), &req, started)
+            .await?;
+        let mut sandbox = e2b::sandbox(&bound, pool.as_deref(), self.domain());
+        sandbox.envd_access_token = token;
         tracing::info!(team = %team.name, claim = %name, sandbox_id = %sandbox.sandbox_id, template = %req.template_id, "sandbox created");
         Ok(Answer::json(StatusCode::CREATED, json!(sandbox)))
     }
@@ -207,13 +213,17 @@ impl App {
         pool: &str,
         lifetime: Duration,
         idempotency_key: Option<&str>,
+        secure: bool,
     ) -> Result<SandboxClaim> {
         let metadata =
             serde_json::to_string(&req.metadata).map_err(|e| bad_request(e.to_string()))?;
-        let annotations = BTreeMap::from([
+        let mut annotations = BTreeMap::from([
             (e2b::ANN_METADATA.to_string(), metadata),
             (e2b::ANN_TEMPLATE.to_string(), req.template_id.clone()),
         ]);
+        if secure {
+            annotations.insert(crate::envd::ANN_SECURE.to_string(), "true".to_string());
+        }
         sandgate_shared::meta::check_annotations("metadata", &annotations)
             .map_err(|e| bad_request(e.to_string()))?;
         let mut pod_annotations = BTreeMap::new();
@@ -243,6 +253,56 @@ impl App {
                      "annotations": pod_annotations},
         }))
         .map_err(|e| bad_request(e.to_string()))
+    }
+
+    /// For a pool that runs sandgate-envd: hands the bound pod's envd the sandbox's env vars
+    /// and, if secure, its access token (returned for the SDK). A pod whose envd does not take
+    /// its init within the create timeout is given back (the claim deleted) and create is a 503.
+    async fn init_envd(
+        &self,
+        claim: &SandboxClaim,
+        pool: Option<&sandgate_controller::crd::SandboxPool>,
+        req: &NewSandbox,
+        started: Instant,
+    ) -> Result<Option<String>> {
+        if !crate::envd::runs_sandgate_envd(pool) {
+            return Ok(None);
+        }
+        let name = claim.name_any();
+        let id = e2b::sandbox_id(claim).unwrap_or_default();
+        let token = crate::envd::is_secure(claim).then(|| self.envd_tokens.token(claim, id));
+        let ip = claim
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.as_deref())
+            .and_then(|ip| ip.parse().ok());
+        let deadline = tokio::time::Instant::from_std(started + self.config.create_timeout);
+        let result = match ip {
+            Some(ip) => {
+                crate::envd::init(
+                    ip,
+                    self.config.envd_port,
+                    &req.env_vars,
+                    token.as_deref(),
+                    deadline,
+                )
+                .await
+            }
+            None => Err(format!("claim {name} names no pod IP")),
+        };
+        if let Err(why) = result {
+            tracing::warn!(claim = %name, sandbox_id = %id, error = %why, "envd init failed; the sandbox is given back");
+            let _ = self
+                .claims_api()
+                .delete(&name, &DeleteParams::default())
+                .await;
+            return Err(Answer::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the sandbox's envd did not start: {why}; retry"),
+            )
+            .with_header("retry-after", "1"));
+        }
+        Ok(token)
     }
 
     /// Claim `name` as this replica's watch last saw it.
@@ -306,10 +366,11 @@ impl App {
             self.set_expiry(&claim, wanted).await?;
         }
         let pool = self.pool_of(&claim);
-        Ok(Answer::json(
-            StatusCode::OK,
-            json!(e2b::sandbox(&claim, pool.as_deref(), self.domain())),
-        ))
+        let mut sandbox = e2b::sandbox(&claim, pool.as_deref(), self.domain());
+        if crate::envd::runs_sandgate_envd(pool.as_deref()) && crate::envd::is_secure(&claim) {
+            sandbox.envd_access_token = Some(self.envd_tokens.token(&claim, id));
+        }
+        Ok(Answer::json(StatusCode::OK, json!(sandbox)))
     }
 
     pub async fn set_timeout(&self, team: &Team, id: &str, body: &[u8]) -> Result<Answer> {

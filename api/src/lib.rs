@@ -12,6 +12,7 @@
 
 pub mod config;
 pub mod e2b;
+pub mod envd;
 pub mod handlers;
 pub mod keys;
 pub mod metrics;
@@ -54,6 +55,8 @@ pub struct App {
     /// Bumped on every claim change: create waits on it for its claim to be bound.
     pub claims_changed: watch::Sender<u64>,
     pub metrics: metrics::ApiMetrics,
+    /// Access tokens of sandboxes whose pods run sandgate-envd.
+    pub envd_tokens: envd::Tokens,
 }
 
 /// Every Kubernetes API call this binary makes, as (API group, resource, verb). The RBAC test checks
@@ -124,6 +127,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         keys: RwLock::new(KeyRing::default()),
         claims_changed,
         metrics: metrics.clone(),
+        envd_tokens: envd::Tokens::load(config.envd_token_key_file.as_deref())?,
     });
     let (secrets, secrets_writer) = reflector::store();
     let secret_api: Api<Secret> = Api::namespaced(client.clone(), &ns);

@@ -126,6 +126,9 @@ pub struct SandboxClaimStatus {
     pub sandbox_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_name: Option<String>,
+    /// The pod's IP when it was bound (what sandgate-api reaches the pod's envd at).
+    #[serde(default, rename = "podIP", skip_serializing_if = "Option::is_none")]
+    pub pod_ip: Option<String>,
     /// The host-form address, e.g. `<id>.sandbox.example.com`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,

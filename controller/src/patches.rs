@@ -203,6 +203,7 @@ pub fn refused(claim: &SandboxClaim, why: String, now: jiff::Timestamp) -> Sandb
 pub fn bound(
     claim: &SandboxClaim,
     pod: &str,
+    pod_ip: Option<&str>,
     id: &str,
     domain: Option<&str>,
     now: jiff::Timestamp,
@@ -215,6 +216,7 @@ pub fn bound(
         url: domain.map(|d| format!("{id}.{d}")),
         sandbox_id: Some(id.to_string()),
         pod_name: Some(pod.to_string()),
+        pod_ip: pod_ip.map(str::to_string),
         conditions: vec![condition(
             "Bound",
             true,

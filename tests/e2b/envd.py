@@ -55,7 +55,7 @@ def connect():
             traffic_access_token=None,
             connection_config=cfg,
         )
-    return Sandbox.create(timeout=120)
+    return Sandbox.create("envd", timeout=120, envs={"FROM_CREATE": "create-env"})
 
 
 def commands(sbx, workdir):
@@ -232,6 +232,42 @@ def signed_urls(sbx, workdir):
     log("signed download URL served, tampered or unsigned refused")
 
 
+def through_the_gateway(sbx):
+    """Checks only a sandbox created through sandgate-api has: its token, its other ports."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    gateway = os.environ["SANDGATE_GATEWAY"]
+    token = getattr(sbx, "_envd_access_token", None)
+    assert token, "a secure sandbox on a sandgate-envd pool gets an envdAccessToken"
+    r = sbx.commands.run("echo $FROM_CREATE")
+    assert r.stdout == "create-env\n", r.stdout
+
+    def call(path, headers, body=b"{}"):
+        req = urllib.request.Request(f"http://{gateway}{path}", data=body, method="POST", headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    route = {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "49983", "Content-Type": "application/json"}
+    status, body = call("/process.Process/List", route)
+    assert status == 401, (status, body)
+    status, body = call("/process.Process/List", {**route, "X-Access-Token": token})
+    assert status == 200 and "processes" in json.loads(body), (status, body)
+    # envd's /init is the control plane's alone, even with the token.
+    status, body = call("/init", {**route, "X-Access-Token": token}, b'{"accessToken": "mine"}')
+    assert status == 403, (status, body)
+    # The sandbox's own port is still routed.
+    req = urllib.request.Request(f"http://{gateway}/", headers={"Host": sbx.get_host(8080)})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status == 200
+    log("through the gateway: token required, /init refused, port 8080 routed")
+    sbx.kill()
+
+
 def main():
     sbx = connect()
     workdir = os.environ.get("SANDGATE_ENVD_WORKDIR") or sbx.commands.run("mktemp -d").stdout.strip()
@@ -241,6 +277,8 @@ def main():
     if MODE == "secure":
         refused_without_token()
         signed_urls(sbx, workdir)
+    if MODE == "sandbox":
+        through_the_gateway(sbx)
     log("all passed")
 
 

@@ -151,6 +151,53 @@ impl E2b {
         ]
     }
 
+    /// Adds pool `envd`, whose pods run sandgate-envd on 49983 (image `sandgate-envd`, which the
+    /// loopback kubelet runs as the real binary) and an echo server on 8080, `warm` of them.
+    pub async fn add_envd_pool(&self, warm: i32) {
+        let mut container = echo_container(&[8080, 49983]);
+        container["image"] = json!("sandgate-envd");
+        let pool: SandboxPool = serde_json::from_value(json!({
+            "apiVersion": "sandgate.dev/v1alpha1", "kind": "SandboxPool",
+            "metadata": {"name": "envd", "annotations": {sandgate_api::envd::ANN_ENVD: "sandgate"}},
+            "spec": {"replicas": warm, "port": 8080, "defaultIdleTimeout": "1h",
+                     "template": {"spec": {"containers": [container]}}},
+        }))
+        .expect("pool");
+        self.cluster
+            .target
+            .api::<SandboxPool>()
+            .create(&PostParams::default(), &pool)
+            .await
+            .expect("create pool envd");
+    }
+
+    /// Runs `tests/e2b/<script> <args>` with the Python SDK `version` and `env` beside the
+    /// SDK environment; panics with its output unless it passes.
+    pub async fn python_script(
+        &self,
+        version: &str,
+        script: &str,
+        args: &[&str],
+        env: &[(&str, String)],
+    ) {
+        let python = sdk_dir().join(format!("py-{version}/bin/python"));
+        assert!(
+            python.exists(),
+            "{} missing: run `make e2b-sdks`",
+            python.display()
+        );
+        let out = Command::new(python)
+            .arg(workspace_root().join("tests/e2b").join(script))
+            .args(args)
+            .envs(self.sdk_env())
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .output()
+            .await
+            .expect("run the Python SDK");
+        report(&format!("python e2b {version} {script} {args:?}"), out);
+    }
+
     /// Runs `tests/e2b/scenario.py <scenario>` with the Python SDK `version`; panics with its
     /// output unless it passes.
     pub async fn python(&self, version: &str, scenario: &str) {

@@ -34,6 +34,43 @@ impl Drop for Server {
     }
 }
 
+/// The real `sandgate-envd` binary serving `ip:port` (a pod whose image runs it), killed when
+/// the server is dropped. Fails if it cannot listen there.
+pub async fn envd(ip: impl Into<IpAddr>, port: u16) -> std::io::Result<Server> {
+    let addr = std::net::SocketAddr::new(ip.into(), port);
+    let mut child = tokio::process::Command::new(crate::procs::bin_path("sandgate-envd"))
+        .arg("--listen")
+        .arg(addr.to_string())
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Err(std::io::Error::other(format!(
+                "sandgate-envd on {addr} exited: {status}"
+            )));
+        }
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(std::io::Error::other(format!(
+                "sandgate-envd does not listen on {addr}"
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (stop, _) = watch::channel(false);
+    // Aborting the task drops the child, which kills it.
+    let accept = tokio::spawn(async move {
+        let _ = child.wait().await;
+    });
+    Ok(Server { accept, stop })
+}
+
 /// Which HTTP versions a server speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {

@@ -430,3 +430,21 @@ async fn a_killed_sandbox_is_unreachable_when_the_kill_answers() {
         "the controller did not evict the route before the claim went"
     );
 }
+
+#[tokio::test]
+async fn the_sdk_reaches_sandgate_envd_through_the_gateway_with_the_token_the_api_gave() {
+    let e = E2b::start(0, &[]).await;
+    e.add_envd_pool(1).await;
+    // The SDK sends envd calls to E2B_SANDBOX_URL (the gateway) with E2b-Sandbox-Id headers.
+    let gateway = format!("http://{}", e.cluster.gateways[0].envoy.addr());
+    e.python_script(
+        PY_NEW,
+        "envd.py",
+        &["sandbox"],
+        &[
+            ("E2B_SANDBOX_URL", gateway),
+            ("SANDGATE_ENVD_BIG_MB", "50".to_string()),
+        ],
+    )
+    .await;
+}

@@ -123,3 +123,11 @@ async fn the_js_sdk_runs_commands_files_and_pty_on_sandgate_envd() {
         .expect("run node");
     report(&format!("js e2b {JS} envd"), out, e.dir.path());
 }
+
+#[test]
+fn the_api_reports_the_envd_version_sandgate_envd_implements() {
+    assert_eq!(
+        sandgate_api::envd::SANDGATE_ENVD_VERSION,
+        sandgate_envd::ENVD_VERSION
+    );
+}

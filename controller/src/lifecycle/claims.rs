@@ -66,7 +66,7 @@ async fn apply(claim: Arc<SandboxClaim>, ctx: Arc<Ctx>) -> Result<Action, Error>
         ClaimStep::Adopt { pod, sandbox_id } => {
             tracing::info!(claim = %claim.name_any(), %pod, %sandbox_id, "claim adopts the pod it bound");
             waiters::forget(ctx, &uid);
-            let status = bound_status(ctx, claim, &pod, &sandbox_id);
+            let status = bound_status(ctx, claim, &pods, &pod, &sandbox_id);
             set_status(ctx, claim, &status).await?;
             Ok(Action::requeue(Duration::from_secs(1)))
         }
@@ -152,7 +152,7 @@ async fn take_one(
             .unwrap_or_else(|e| e.into_inner())
             .insert(uid.clone(), (name.clone(), std::time::Instant::now()));
         waiters::forget(ctx, &uid);
-        let status = bound_status(ctx, claim, &name, &id);
+        let status = bound_status(ctx, claim, pods, &name, &id);
         set_status(ctx, claim, &status).await?;
         event(
             ctx,
@@ -175,9 +175,26 @@ async fn take_one(
     wait_for_refill(ctx, claim).await
 }
 
-fn bound_status(ctx: &Ctx, claim: &SandboxClaim, pod: &str, id: &str) -> SandboxClaimStatus {
+fn bound_status(
+    ctx: &Ctx,
+    claim: &SandboxClaim,
+    pods: &[Arc<Pod>],
+    pod: &str,
+    id: &str,
+) -> SandboxClaimStatus {
     let domain = ctx.domain.as_deref();
-    crate::patches::bound(claim, pod, id, domain, jiff::Timestamp::now())
+    let ip = pods
+        .iter()
+        .find(|p| p.name_any() == pod)
+        .and_then(|p| p.status.as_ref()?.pod_ip.clone());
+    crate::patches::bound(
+        claim,
+        pod,
+        ip.as_deref(),
+        id,
+        domain,
+        jiff::Timestamp::now(),
+    )
 }
 
 /// No idle pod for this claim yet: Pending with `NoIdlePod` and, if the pool knows, why it does

@@ -172,9 +172,17 @@ fn a_pool_status_patch_removes_phases_that_have_no_pods() {
 #[test]
 fn claim_statuses() {
     let claim = claim(&[], &[]);
-    let b = bound(&claim, "p-1", "sbx-1", Some("sandbox.example.com"), ts(10));
+    let b = bound(
+        &claim,
+        "p-1",
+        Some("10.0.0.7"),
+        "sbx-1",
+        Some("sandbox.example.com"),
+        ts(10),
+    );
     assert_eq!(b.phase, ClaimPhase::Bound);
     assert_eq!(b.url.as_deref(), Some("sbx-1.sandbox.example.com"));
+    assert_eq!(b.pod_ip.as_deref(), Some("10.0.0.7"));
     assert_eq!(
         b.expires_at.map(|t| t.0.to_string()).as_deref(),
         Some("2026-12-01T00:05:00Z"),

@@ -211,8 +211,10 @@ async fn main() -> anyhow::Result<()> {
          import urllib.request\n\
          sbx = Sandbox.create(template=\"base\")\n\
          req = urllib.request.Request(\"http://127.0.0.1:{p}/\", headers={{\"Host\": sbx.get_host(8080)}})\n\
-         print(urllib.request.urlopen(req).read().decode()); sbx.kill()\n\
+         print(urllib.request.urlopen(req).read().decode())\n\
+         print(sbx.commands.run(\"echo hi from $(hostname)\").stdout); sbx.kill()\n\
          EOF\n\
+         \x20 # `base` pods run the real sandgate-envd, here on this machine and as you: commands.run runs here\n\
 \nLogs in .run/. Ctrl-C stops everything.",
         api.addr,
         lines = e2b.lines.iter().map(|l| format!("  export {l}")).collect::<Vec<_>>().join("\n"),
@@ -223,7 +225,7 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// sandgate-api on 127.0.0.1:3000 with a pool `base` (pods serving 8080 and envd's 49983) and a
+/// sandgate-api on 127.0.0.1:3000 with a pool `base` (pods serving 8080 and sandgate-envd on 49983) and a
 /// fresh API key; writes `.run/e2b.env`.
 struct LocalE2b {
     lines: Vec<String>,
@@ -244,9 +246,10 @@ async fn start_e2b(
             &PostParams::default(),
             &serde_json::from_value(serde_json::json!({
                 "apiVersion": "sandgate.dev/v1alpha1", "kind": "SandboxPool",
-                "metadata": {"name": "base", "namespace": "default"},
+                "metadata": {"name": "base", "namespace": "default",
+                             "annotations": {sandgate_api::envd::ANN_ENVD: "sandgate"}},
                 "spec": {"replicas": 2, "port": 8080, "defaultIdleTimeout": "10m",
-                         "template": {"spec": {"containers": [{"name": "sandbox", "image": "sandgate/echo",
+                         "template": {"spec": {"containers": [{"name": "sandbox", "image": "sandgate-envd",
                              "ports": [{"containerPort": 8080}, {"containerPort": 49983}]}]}}},
             }))?,
         )

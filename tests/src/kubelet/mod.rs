@@ -309,6 +309,7 @@ impl State {
     ) -> (Ipv4Addr, Vec<echo::Server>) {
         let name = pod.metadata.name.clone().unwrap_or_default();
         let ports = sim::container_ports(pod);
+        let envd_ports = sim::envd_ports(pod);
         let mut candidates = wanted.into_iter().collect::<Vec<_>>();
         for _ in 0..64 {
             candidates.push(self.next_address());
@@ -316,7 +317,12 @@ impl State {
         for ip in candidates {
             let mut servers = Vec::new();
             for &port in &ports {
-                match echo::bind(ip, port, name.clone()).await {
+                let server = if envd_ports.contains(&port) {
+                    echo::envd(ip, port).await
+                } else {
+                    echo::bind(ip, port, name.clone()).await
+                };
+                match server {
                     Ok(s) => servers.push(s),
                     Err(e) => {
                         tracing::debug!(%ip, port, error = %e, "kubelet: address taken");

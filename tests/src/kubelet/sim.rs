@@ -177,6 +177,23 @@ pub fn container_ports(pod: &Pod) -> Vec<u16> {
     ports
 }
 
+/// The container ports served by sandgate-envd: port 49983 of containers whose image is
+/// `sandgate-envd` (or `sandgate-envd:<tag>`), which the kubelet runs as the real binary.
+pub fn envd_ports(pod: &Pod) -> Vec<u16> {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .filter(|c| {
+            c.image
+                .as_deref()
+                .is_some_and(|i| i == "sandgate-envd" || i.starts_with("sandgate-envd:"))
+        })
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| u16::try_from(p.container_port).ok())
+        .filter(|p| *p == 49983)
+        .collect()
+}
+
 /// The `pods/status` merge patch for `behaviour`. `started` is when the container started, `now`
 /// the time of this write (both RFC 3339).
 pub fn status_patch(pod: &Pod, behaviour: &Behaviour, ip: &str, started: &str, now: &str) -> Value {
