@@ -3,7 +3,7 @@ ENVOY_VERSION := 1.40.0
 ENVOY := .tools/envoy/envoy/_bin/envoy
 CARGO ?= cargo
 
-.PHONY: e2b-sdks run test test-unit test-realapi test-double test-cluster controlplane bench bench-build bench-dataplane bench-streams bench-e2b bench-idle bench-pool build lint envoy render clean
+.PHONY: e2b-sdks run test test-unit test-realapi test-node test-double test-cluster controlplane bench bench-build bench-dataplane bench-streams bench-e2b bench-idle bench-pool build lint envoy render clean
 
 $(ENVOY):
 	python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
@@ -45,8 +45,9 @@ controlplane:
 	tests/controlplane/build.sh >/dev/null
 
 ## test: lint, then every test (unit, property, process-level with real Envoy and the in-process
-## API double), then the process-level scenarios against a real kube-apiserver + etcd.
-test: test-unit test-realapi
+## API double), then the process-level scenarios against a real kube-apiserver + etcd, then on
+## one real node (kubelet, containerd, runc, CNI) beside it.
+test: test-unit test-realapi test-node
 
 test-unit: $(ENVOY) controlplane e2b-sdks lint build
 	PATH="$$(tests/controlplane/build.sh):$$PATH" $(CARGO) test --workspace --no-fail-fast -- --skip on_real_api
@@ -54,6 +55,13 @@ test-unit: $(ENVOY) controlplane e2b-sdks lint build
 ## test-realapi: the process-level scenarios against kube-apiserver + etcd started on loopback.
 test-realapi: $(ENVOY) controlplane e2b-sdks build
 	CARGO=$(CARGO) tests/scenarios.sh realapi
+
+## test-node: the same scenarios on one real node (kubelet, containerd, runc, CNI; tests/node/)
+## beside kube-apiserver + etcd, the pods real containers of an image built from sandgate-echo.
+## Needs root. The node's Go binaries are built once into ~/.cache/sandgate/node.
+test-node: $(ENVOY) controlplane e2b-sdks build
+	tests/node/build.sh >/dev/null
+	CARGO=$(CARGO) tests/scenarios.sh node
 
 ## test-double: the same scenarios against a standalone API double reached by kubeconfig.
 test-double: $(ENVOY) build

@@ -81,6 +81,8 @@ async fn until_available(c: &Cluster, pool: &str, n: i32, within: Duration) {
 }
 
 /// Waits until the pool has exactly `n` pods, whatever their phase.
+/// Waits until `pool` has `n` pods not being deleted (on a real node a deleted pod stays,
+/// Terminating, until its kubelet has stopped it).
 async fn until_pool_pods(c: &Cluster, pool: &str, n: usize, within: Duration) {
     eventually(within, || async {
         let lp = ListParams::default().labels(&format!("sandgate.dev/pool={pool}"));
@@ -90,7 +92,9 @@ async fn until_pool_pods(c: &Cluster, pool: &str, n: usize, within: Duration) {
             .await
             .map_err(|e| e.to_string())?
             .items
-            .len();
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .count();
         if have == n {
             Ok(())
         } else {

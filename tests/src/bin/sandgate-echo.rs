@@ -18,6 +18,13 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("sandgate-echo: {name} serving :{port}");
     }
     anyhow::ensure!(!servers.is_empty(), "ECHO_PORTS names no port");
-    tokio::signal::ctrl_c().await?;
+    // As PID 1 in its container nothing ends it but its own handler: exit on SIGTERM as a
+    // well-behaved app does, so a pod's deletion takes as long as its connections need, not the
+    // whole grace period.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => eprintln!("sandgate-echo: {name} stopping on SIGTERM"),
+    }
     Ok(())
 }
