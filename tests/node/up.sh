@@ -112,7 +112,11 @@ trap 'exit 0' TERM INT
 ctr_() { ctr -a "$dir/containerd.sock" "$@"; }
 
 # --- containerd ------------------------------------------------------------------------------
-mkdir -p "$dir/cni.d" "$dir/ipam" "$dir/images"
+mkdir -p "$dir/cni.d" "$dir/ipam" "$dir/images" "$dir/cni-bin"
+# Debian's CNI plugins, and cni-neigh (see its header: a reused pod address must not keep the
+# last pod's ARP entry), in one directory, as containerd takes one.
+ln -sf /usr/lib/cni/* "$dir/cni-bin/"
+ln -sf "$here/cni-neigh" "$dir/cni-bin/cni-neigh"
 cat >"$dir/containerd.toml" <<EOF
 version = 2
 root = "$dir/containerd-root"
@@ -133,7 +137,7 @@ state = "$dir/containerd-state"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         SystemdCgroup = false
   [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
+    bin_dir = "$dir/cni-bin"
     conf_dir = "$dir/cni.d"
 EOF
 cat >"$dir/cni.d/10-sandgate.conflist" <<EOF
@@ -143,6 +147,7 @@ cat >"$dir/cni.d/10-sandgate.conflist" <<EOF
   "plugins": [
     {"type": "bridge", "bridge": "$bridge", "isGateway": true, "ipMasq": true, "hairpinMode": true,
      "ipam": {"type": "host-local", "ranges": [[{"subnet": "$subnet"}]], "dataDir": "$dir/ipam"}},
+    {"type": "cni-neigh", "bridge": "$bridge"},
     {"type": "portmap", "capabilities": {"portMappings": true}},
     {"type": "loopback"}
   ]
