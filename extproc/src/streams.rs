@@ -54,6 +54,7 @@ impl StreamTable {
             None => {
                 open.insert((sandbox, request_id.to_string()), now);
                 drop(open);
+                tracing::debug!(sandbox_id = sandbox.as_str(), request_id, "stream open");
                 self.activity.stream_delta(sandbox, true);
                 true
             }
@@ -67,6 +68,7 @@ impl StreamTable {
             .remove(&(sandbox, request_id.to_string()))
             .is_some();
         if was_open {
+            tracing::debug!(sandbox_id = sandbox.as_str(), request_id, "stream closed");
             self.activity.stream_delta(sandbox, false);
         }
         was_open

@@ -268,7 +268,8 @@ fn log_file(dir: &Path, name: &str) -> std::fs::File {
 impl Drop for Cluster {
     /// On a failing test, show the tail of every process log: the temp dir goes away with us.
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        // SANDGATE_TEST_DUMP_LOGS=1 shows them after a passing test too.
+        if std::thread::panicking() || std::env::var_os("SANDGATE_TEST_DUMP_LOGS").is_some() {
             crate::procs::dump_logs(self.dir.path());
             self.target.dump();
         }

@@ -420,21 +420,26 @@ pub fn dump_logs(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
+    // SANDGATE_TEST_LOG_LINES: how many last lines of each log (40).
+    let tail: usize = std::env::var("SANDGATE_TEST_LOG_LINES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
     for e in entries.flatten() {
         let p = e.path();
         if p.extension().is_some_and(|x| x == "log") {
             let text = std::fs::read_to_string(&p).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
             // The first lines say how a process started (or why it exited at once).
-            let head = lines.len().saturating_sub(40).min(10);
+            let head = lines.len().saturating_sub(tail).min(10);
             eprintln!(
-                "----- {} (first {head} and last 40 lines) -----",
+                "----- {} (first {head} and last {tail} lines) -----",
                 p.display()
             );
             for l in &lines[..head] {
                 eprintln!("{l}");
             }
-            for l in &lines[lines.len().saturating_sub(40).max(head)..] {
+            for l in &lines[lines.len().saturating_sub(tail).max(head)..] {
                 eprintln!("{l}");
             }
         }

@@ -303,6 +303,7 @@ fn mark(session: &Session, obs: &Observation) -> super::StreamMark {
 
 fn touch(fast: &FastPath, sandboxes: Vec<crate::index::SandboxKey>) {
     for k in sandboxes {
+        tracing::debug!(sandbox_id = k.as_str(), "activity on a hot route");
         fast.activity.touch(k);
         fast.metrics.activity_touches.inc();
     }
