@@ -60,6 +60,11 @@ pub struct Config {
     #[arg(long, env = "SANDGATE_POLL_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub poll_timeout: Duration,
 
+    /// How often each replica is asked for a full report rather than what changed since the
+    /// last one: anything an incremental report missed is put right within this.
+    #[arg(long, env = "SANDGATE_FULL_REPORT_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub full_report_interval: Duration,
+
     /// Pod writes (annotations, releases) in flight at once.
     #[arg(long, env = "SANDGATE_WRITE_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     pub write_concurrency: u32,

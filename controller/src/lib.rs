@@ -47,7 +47,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     anyhow::ensure!(!config.interval.is_zero(), "--interval must be above zero");
     let token =
         sandgate_shared::server::read_token(&config.control_token_file, "--control-token-file")?;
-    let poller = poller::Poller::new(&token, config.poll_timeout)?;
+    let poller = poller::Poller::new(&token, config.poll_timeout, config.full_report_interval)?;
     let client = kube::Client::try_default()
         .await
         .context("cannot build a Kubernetes client (in-cluster config or KUBECONFIG)")?;

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::future::join_all;
 use sandgate_shared::control::{
@@ -37,6 +37,8 @@ struct Replica {
     client: Client,
     boot_id: String,
     cursor: u64,
+    /// When the last full report came.
+    full_at: Option<Instant>,
     /// sandbox → (last active on the controller's clock, open streams)
     known: HashMap<String, (SystemTime, u32)>,
 }
@@ -85,6 +87,7 @@ pub struct PollResult {
 pub struct Poller {
     token: MetadataValue<tonic::metadata::Ascii>,
     timeout: Duration,
+    full_every: Duration,
     replicas: HashMap<ReplicaAddr, Replica>,
     evictor: Arc<Evictor>,
 }
@@ -127,13 +130,16 @@ impl Evictor {
 }
 
 impl Poller {
-    pub fn new(token: &str, timeout: Duration) -> anyhow::Result<Self> {
+    /// `full_every`: how often each replica is asked for a full report even when its cursor is
+    /// good, so that whatever an incremental report could have missed is put right, never kept.
+    pub fn new(token: &str, timeout: Duration, full_every: Duration) -> anyhow::Result<Self> {
         let token = format!("Bearer {}", token.trim()).parse().map_err(|_| {
             anyhow::anyhow!("--control-token-file: the token is not a valid header value")
         })?;
         Ok(Poller {
             token,
             timeout,
+            full_every,
             replicas: HashMap::new(),
             evictor: Arc::new(Evictor {
                 timeout,
@@ -161,6 +167,7 @@ impl Poller {
                     .max_decoding_message_size(256 << 20),
                 boot_id: String::new(),
                 cursor: 0,
+                full_at: None,
                 known: HashMap::new(),
             }
         })
@@ -181,10 +188,11 @@ impl Poller {
             .iter()
             .map(|(a, r)| (a.clone(), r.client.clone()))
             .collect();
-        let timeout = self.timeout;
+        let (timeout, full_every) = (self.timeout, self.full_every);
         let calls = self.replicas.iter_mut().map(|(addr, r)| async move {
+            let due_full = r.full_at.is_none_or(|t| t.elapsed() >= full_every);
             let req = GetLastActiveRequest {
-                cursor: r.cursor,
+                cursor: if due_full { 0 } else { r.cursor },
                 boot_id: r.boot_id.clone(),
             };
             let answer = tokio::time::timeout(timeout, r.client.get_last_active(req)).await;
@@ -200,6 +208,9 @@ impl Poller {
                     let resp = resp.into_inner();
                     if resp.full || resp.boot_id != r.boot_id {
                         r.known.clear();
+                    }
+                    if resp.full {
+                        r.full_at = Some(Instant::now());
                     }
                     r.boot_id = resp.boot_id;
                     r.cursor = resp.cursor;
@@ -270,23 +281,27 @@ mod tests {
         EvictRouteResponse, GetLastActiveResponse, SandboxActivity,
     };
 
-    /// A replica that answers warm, with one sandbox, and the completeness it is given.
+    /// A replica that answers warm, with one sandbox, and the completeness it is given; it
+    /// records the cursor of every call, and answers a full report to cursor 0 only.
     struct Replica {
         complete: bool,
+        cursors: Arc<Mutex<Vec<u64>>>,
     }
 
     #[tonic::async_trait]
     impl Control for Replica {
         async fn get_last_active(
             &self,
-            _: tonic::Request<GetLastActiveRequest>,
+            req: tonic::Request<GetLastActiveRequest>,
         ) -> Result<tonic::Response<GetLastActiveResponse>, tonic::Status> {
+            let cursor = req.into_inner().cursor;
+            self.cursors.lock().unwrap().push(cursor);
             Ok(tonic::Response::new(GetLastActiveResponse {
                 replica: "r".into(),
                 boot_id: "b".into(),
                 warm: true,
-                full: true,
-                cursor: 1,
+                full: cursor == 0,
+                cursor: cursor + 1,
                 sandboxes: vec![SandboxActivity {
                     sandbox_id: "sbx-a".into(),
                     idle_ms: 1000,
@@ -309,21 +324,47 @@ mod tests {
     }
 
     async fn serve(complete: bool) -> ReplicaAddr {
+        serve_recording(complete).await.0
+    }
+
+    async fn serve_recording(complete: bool) -> (ReplicaAddr, Arc<Mutex<Vec<u64>>>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let cursors = Arc::new(Mutex::new(Vec::new()));
         tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(ControlServer::new(Replica { complete }))
+                .add_service(ControlServer::new(Replica {
+                    complete,
+                    cursors: cursors.clone(),
+                }))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
-        addr.into()
+        (addr.into(), cursors)
+    }
+
+    #[tokio::test]
+    async fn incremental_reports_follow_the_cursor_and_a_full_one_comes_on_schedule() {
+        let (addr, cursors) = serve_recording(true).await;
+        let mut poller = Poller::new("t", Duration::from_secs(2), Duration::from_secs(30)).unwrap();
+        for _ in 0..3 {
+            assert!(poller.poll(std::slice::from_ref(&addr)).await.complete);
+        }
+        assert_eq!(*cursors.lock().unwrap(), [0, 1, 2]);
+
+        // With full reports due every poll, every call starts over.
+        let (addr, cursors) = serve_recording(true).await;
+        let mut poller = Poller::new("t", Duration::from_secs(2), Duration::ZERO).unwrap();
+        for _ in 0..3 {
+            assert!(poller.poll(std::slice::from_ref(&addr)).await.complete);
+        }
+        assert_eq!(*cursors.lock().unwrap(), [0, 0, 0]);
     }
 
     #[tokio::test]
     async fn an_incomplete_view_makes_the_poll_partial_but_its_activity_still_counts() {
         let complete = serve(true).await;
         let partial = serve(false).await;
-        let mut poller = Poller::new("t", Duration::from_secs(2)).unwrap();
+        let mut poller = Poller::new("t", Duration::from_secs(2), Duration::from_secs(30)).unwrap();
         let poll = poller.poll(std::slice::from_ref(&complete)).await;
         assert!(poll.complete && poll.failed.is_empty());
 

@@ -189,17 +189,17 @@ impl ActivityTable {
             entries.iter().map(|(k, a)| report(*k, a)).collect()
         } else {
             let mut seen = HashSet::new();
+            let from = log.entries.partition_point(|(seq, _)| *seq <= cursor);
             log.entries
-                .iter()
-                .filter(|(seq, _)| *seq > cursor)
+                .range(from..)
                 .filter(|(_, k)| seen.insert(*k))
                 .filter_map(|(_, k)| entries.get(k.as_str()).map(|a| report(*k, a)))
                 .collect()
         };
-        // The caller has everything up to `cursor`: drop it, and keep the log bounded.
-        while log.entries.front().is_some_and(|(seq, _)| *seq <= cursor) {
-            log.entries.pop_front();
-        }
+        // Bounded by size only, never by one caller's cursor: another controller (a standby that
+        // leads again, the next one in a rollout) may still hold an older cursor, and entries it
+        // has not seen must not vanish from its incremental report. A cursor older than what
+        // was dropped gets a full report.
         let cap = (entries.len() * 2).max(4096);
         while log.entries.len() > cap {
             if let Some((seq, _)) = log.entries.pop_front() {
@@ -277,6 +277,34 @@ mod tests {
         t.stream_delta(key("a"), false); // never below zero
         let s = t.snapshot(s.cursor);
         assert_eq!(s.sandboxes[0].open_streams, 0);
+    }
+
+    #[test]
+    fn two_pollers_each_see_every_change_after_their_own_cursor() {
+        let t = ActivityTable::new();
+        t.stream_delta(key("ws"), true);
+        // Both pollers have seen the stream open.
+        let b = t.snapshot(0).cursor;
+        t.stream_delta(key("ws"), false);
+        // Poller A sees it close, and polls again with the cursor it was given.
+        let a = t.snapshot(b);
+        assert_eq!(a.sandboxes[0].open_streams, 0);
+        assert!(
+            t.snapshot(a.cursor).sandboxes.is_empty(),
+            "nothing new for A"
+        );
+        // Poller B, with its older cursor, must see the close too, or it keeps the stream open
+        // (or an old idle time) for as long as it gets incremental reports.
+        let seen_by_b = t.snapshot(b);
+        assert!(!seen_by_b.full);
+        assert_eq!(
+            seen_by_b
+                .sandboxes
+                .iter()
+                .map(|r| (r.id.as_str(), r.open_streams))
+                .collect::<Vec<_>>(),
+            [("ws", 0)]
+        );
     }
 
     #[test]

@@ -11,7 +11,9 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
+use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::data::accesslog::v3::{AccessLogType, HttpAccessLogEntry};
 use envoy_types::pb::envoy::service::accesslog::v3::{
     access_log_service_server::{AccessLogService, AccessLogServiceServer},
@@ -55,6 +57,9 @@ impl AccessLogService for AccessLogs {
     ) -> Result<Response<StreamAccessLogsResponse>, Status> {
         let mut inbound = request.into_inner();
         let mut open = OpenStreams::default();
+        // How long a stream this Envoy reported may go without a periodic entry; known once its
+        // first message names the Envoy.
+        let mut expiry = self.streams.default_expiry();
         loop {
             let next = tokio::select! {
                 m = inbound.message() => m,
@@ -62,9 +67,12 @@ impl AccessLogService for AccessLogs {
             };
             match next {
                 Ok(Some(msg)) => {
+                    if let Some(id) = &msg.identifier {
+                        expiry = self.expiry_for(id.node.as_ref());
+                    }
                     if let Some(LogEntries::HttpLogs(logs)) = msg.log_entries {
                         for entry in &logs.log_entry {
-                            self.apply(entry, &mut open);
+                            self.apply(entry, &mut open, expiry);
                         }
                     }
                     self.streams.expire();
@@ -84,9 +92,44 @@ impl AccessLogService for AccessLogs {
     }
 }
 
+/// The Envoy node metadata key that names its `access_log_flush_interval`.
+pub const FLUSH_INTERVAL_METADATA_KEY: &str = "sandgate.access_log_flush_interval";
+
+/// How long a stream may go without a periodic entry from an Envoy that flushes every
+/// `interval`: three intervals (so one late or lost entry is not an end), plus two of its gRPC
+/// logger's 1 s buffer flushes.
+pub fn expiry_after(interval: Duration) -> Duration {
+    interval.saturating_mul(3) + Duration::from_secs(2)
+}
+
 impl AccessLogs {
-    /// Applies one access log entry.
-    pub fn apply(&self, entry: &HttpAccessLogEntry, open: &mut OpenStreams) {
+    /// The stream expiry for an Envoy: by the flush interval its node metadata names, else the
+    /// table's default.
+    fn expiry_for(&self, node: Option<&Node>) -> Duration {
+        let named = node
+            .and_then(|n| n.metadata.as_ref())
+            .and_then(|m| m.fields.get(FLUSH_INTERVAL_METADATA_KEY))
+            .and_then(|v| match &v.kind {
+                Some(Kind::StringValue(s)) => Some(s.clone()),
+                _ => None,
+            });
+        let node_id = node.map_or("", |n| n.id.as_str());
+        match named
+            .as_deref()
+            .map(sandgate_shared::duration::parse_duration)
+        {
+            Some(Ok(interval)) if !interval.is_zero() => expiry_after(interval),
+            Some(_) => {
+                tracing::warn!(node = node_id, value = ?named, "node metadata {FLUSH_INTERVAL_METADATA_KEY} is not a duration: its streams expire after --stream-expiry");
+                self.streams.default_expiry()
+            }
+            None => self.streams.default_expiry(),
+        }
+    }
+
+    /// Applies one access log entry from an Envoy whose open streams send a periodic entry at
+    /// least every `expiry`.
+    pub fn apply(&self, entry: &HttpAccessLogEntry, open: &mut OpenStreams, expiry: Duration) {
         let Some(common) = entry.common_properties.as_ref() else {
             return;
         };
@@ -99,7 +142,7 @@ impl AccessLogs {
         };
         match AccessLogType::try_from(common.access_log_type) {
             Ok(AccessLogType::DownstreamPeriodic) if !stream.is_empty() => {
-                self.streams.seen(key, stream);
+                self.streams.seen_within(key, stream, expiry);
                 open.0.insert((key, stream.to_string()));
             }
             Ok(AccessLogType::DownstreamEnd) if !stream.is_empty() => {
@@ -195,26 +238,31 @@ mod tests {
         l.apply(
             &entry(Some("ws"), "s1", AccessLogType::DownstreamPeriodic),
             &mut open,
+            l.streams.default_expiry(),
         );
         l.apply(
             &entry(Some("ws"), "s1", AccessLogType::DownstreamPeriodic),
             &mut open,
+            l.streams.default_expiry(),
         );
         assert_eq!(open_streams(&l, "ws"), 1);
         l.apply(
             &entry(Some("ws"), "s2", AccessLogType::DownstreamPeriodic),
             &mut open,
+            l.streams.default_expiry(),
         );
         assert_eq!(open_streams(&l, "ws"), 2);
         l.apply(
             &entry(Some("ws"), "s1", AccessLogType::DownstreamEnd),
             &mut open,
+            l.streams.default_expiry(),
         );
         assert_eq!(open_streams(&l, "ws"), 1);
         // A short request's only entry is its end: activity, no stream.
         l.apply(
             &entry(Some("short"), "s9", AccessLogType::DownstreamEnd),
             &mut open,
+            l.streams.default_expiry(),
         );
         assert_eq!(open_streams(&l, "short"), 0);
         assert!(l
@@ -232,10 +280,12 @@ mod tests {
         l.apply(
             &entry(None, "s1", AccessLogType::DownstreamPeriodic),
             &mut open,
+            l.streams.default_expiry(),
         );
         l.apply(
             &entry(Some("Not_Valid"), "s1", AccessLogType::DownstreamPeriodic),
             &mut open,
+            l.streams.default_expiry(),
         );
         assert!(l.activity.is_empty());
     }
@@ -247,9 +297,55 @@ mod tests {
         l.apply(
             &entry(Some("ws"), "s1", AccessLogType::DownstreamPeriodic),
             &mut open,
+            l.streams.default_expiry(),
         );
         std::thread::sleep(std::time::Duration::from_millis(5));
         l.streams.expire();
+        assert_eq!(open_streams(&l, "ws"), 0);
+    }
+
+    fn node(flush: Option<&str>) -> Node {
+        let mut fields = std::collections::HashMap::new();
+        if let Some(f) = flush {
+            fields.insert(
+                FLUSH_INTERVAL_METADATA_KEY.to_string(),
+                Value {
+                    kind: Some(Kind::StringValue(f.into())),
+                },
+            );
+        }
+        Node {
+            id: "gw".into(),
+            metadata: Some(Struct { fields }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_envoy_that_names_its_flush_interval_gets_streams_that_expire_by_it() {
+        let l = logs();
+        let default = l.streams.default_expiry();
+        assert_eq!(
+            l.expiry_for(Some(&node(Some("1s")))),
+            std::time::Duration::from_secs(5)
+        );
+        assert_eq!(
+            l.expiry_for(Some(&node(Some("30s")))),
+            std::time::Duration::from_secs(92)
+        );
+        for bad in [None, Some("soon"), Some("0s"), Some("")] {
+            assert_eq!(l.expiry_for(Some(&node(bad))), default, "{bad:?}");
+        }
+        assert_eq!(l.expiry_for(None), default);
+        // A periodic entry from such an Envoy carries its expiry, whatever the table's.
+        let mut open = OpenStreams::default();
+        l.apply(
+            &entry(Some("ws"), "s1", AccessLogType::DownstreamPeriodic),
+            &mut open,
+            std::time::Duration::ZERO,
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert_eq!(l.streams.expire(), 1);
         assert_eq!(open_streams(&l, "ws"), 0);
     }
 
@@ -262,6 +358,7 @@ mod tests {
         l.apply(
             &entry(Some("ws"), "s1", AccessLogType::DownstreamPeriodic),
             &mut open,
+            l.streams.default_expiry(),
         );
         assert_eq!(
             open_streams(&l, "ws"),
@@ -271,6 +368,7 @@ mod tests {
         l.apply(
             &entry(Some("ws"), "s1", AccessLogType::DownstreamEnd),
             &mut open,
+            l.streams.default_expiry(),
         );
         assert_eq!(open_streams(&l, "ws"), 0);
     }

@@ -59,8 +59,9 @@ pub struct Config {
     #[arg(long, env = "POD_NAME", default_value = "sandgate-extproc")]
     pub replica_name: String,
 
-    /// An open stream with no periodic access-log entry for this long is taken as closed. Must be
-    /// well above Envoy's access_log_flush_interval.
+    /// An open stream with no periodic access-log entry for this long is taken as closed, unless
+    /// its Envoy names its access_log_flush_interval in node metadata (then three intervals and
+    /// 2 s). Must be well above Envoy's access_log_flush_interval.
     #[arg(long, env = "SANDGATE_STREAM_EXPIRY", default_value = "120s", value_parser = parse_duration)]
     pub stream_expiry: Duration,
 

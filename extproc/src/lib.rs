@@ -95,6 +95,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         delay: config.drain_delay,
         timeout: config.drain_timeout,
     }));
+    let streams = Arc::new(streams::StreamTable::new(
+        activity.clone(),
+        config.stream_expiry,
+    ));
+    tokio::spawn(expire_streams(streams.clone(), config.stream_expiry));
     let admin_state = Arc::new(admin::AdminState {
         registry,
         ready: {
@@ -109,9 +114,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         extra: Some(drain_routes(drain)),
         before_scrape: {
             let (index, activity, m) = (index.clone(), activity.clone(), metrics.clone());
+            let streams = streams.clone();
             Box::new(move || {
                 m.indexed_sandboxes.set(index.len() as i64);
                 m.tracked_sandboxes.set(activity.len() as i64);
+                m.open_streams.set(streams.len() as i64);
             })
         },
     });
@@ -139,11 +146,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             ),
     );
     tracing::info!(control = %config.control_addr, replica = %config.replica_name, %boot_id, "control API listening");
-    let streams = Arc::new(streams::StreamTable::new(
-        activity.clone(),
-        config.stream_expiry,
-    ));
-    tokio::spawn(expire_streams(streams.clone(), config.stream_expiry));
     let access_logs = als::AccessLogs {
         activity: activity.clone(),
         streams: streams.clone(),
@@ -272,7 +274,11 @@ fn fast_path_config(config: &Config) -> anyhow::Result<fastpath::FastPathConfig>
 
 /// Closes streams nothing refreshed within `expiry`, also when no Envoy sends access logs.
 async fn expire_streams(streams: Arc<streams::StreamTable>, expiry: std::time::Duration) {
-    let mut every = tokio::time::interval((expiry / 4).max(std::time::Duration::from_millis(100)));
+    // Streams may carry an expiry shorter than the table's (their Envoy's): check each second.
+    let mut every = tokio::time::interval(expiry.clamp(
+        std::time::Duration::from_millis(100),
+        std::time::Duration::from_secs(1),
+    ));
     loop {
         every.tick().await;
         streams.expire();

@@ -60,6 +60,7 @@ pub struct Metrics {
     pub watch_errors: Counter,
     pub access_log_entries: Counter,
     pub tracked_sandboxes: Gauge,
+    pub open_streams: Gauge,
 }
 
 impl Metrics {
@@ -126,6 +127,12 @@ impl Metrics {
             "Sandboxes in the activity table",
             tracked_sandboxes.clone(),
         );
+        let open_streams = Gauge::default();
+        reg.register(
+            "open_streams",
+            "Long-lived streams (WebSockets, SSE, long polls) this replica counts open, each one activity of its sandbox",
+            open_streams.clone(),
+        );
         let outcome = |o| {
             requests
                 .get_or_create(&OutcomeLabels { outcome: o })
@@ -155,6 +162,7 @@ impl Metrics {
             watch_errors,
             access_log_entries,
             tracked_sandboxes,
+            open_streams,
         }
     }
 

@@ -3,8 +3,11 @@
 //! A stream opens when ext_proc routes an upgrade request (so a silent WebSocket counts from its
 //! first byte, whatever Envoy's access-log flush interval), or at the first periodic access-log
 //! entry of any other long request. It closes at its DownstreamEnd entry, when the Envoy that
-//! reported it disconnects, or when nothing refreshed it for `expiry`. Each stream counts in its
-//! sandbox's open streams in the [`ActivityTable`]; an open stream is activity.
+//! reported it disconnects, or when nothing refreshed it for its expiry: the expiry its last
+//! refresher gave (three of that Envoy's flush intervals and a little, when the Envoy says its
+//! interval), else the table's. Each stream counts in its sandbox's open streams in the
+//! [`ActivityTable`]; an open stream is activity. An expiry is logged: it means an end entry was
+//! lost (Envoy dropped access-log entries) or periodic ones stopped coming.
 //!
 //! Keys are (sandbox, request ID): a client that reuses request IDs can only confuse the count of
 //! its own sandbox. Upgrade requests are rare beside plain ones, so a mutex is fine here; the
@@ -19,10 +22,16 @@ use crate::index::SandboxKey;
 
 type Key = (SandboxKey, String);
 
+/// When a stream was last seen, on the activity table's clock, and how long it may go unseen.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    at_ms: i64,
+    expiry_ms: i64,
+}
+
 pub struct StreamTable {
     activity: Arc<ActivityTable>,
-    /// Last time each open stream was seen, on the activity table's clock.
-    open: Mutex<HashMap<Key, i64>>,
+    open: Mutex<HashMap<Key, Seen>>,
     expiry: Duration,
 }
 
@@ -35,24 +44,39 @@ impl StreamTable {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, i64>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Seen>> {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The expiry of streams whose refresher does not say its own.
+    pub fn default_expiry(&self) -> Duration {
+        self.expiry
     }
 
     /// A stream is open (an upgrade just routed, or a periodic access-log entry); refreshes it if
     /// it already is. Returns whether it was new.
     pub fn seen(&self, sandbox: SandboxKey, request_id: &str) -> bool {
+        self.seen_within(sandbox, request_id, self.expiry)
+    }
+
+    /// As [`Self::seen`], by a refresher that will refresh it again within `expiry` while it is
+    /// open.
+    pub fn seen_within(&self, sandbox: SandboxKey, request_id: &str, expiry: Duration) -> bool {
         let now = self.activity.now_ms();
+        let seen = Seen {
+            at_ms: now,
+            expiry_ms: i64::try_from(expiry.as_millis()).unwrap_or(i64::MAX),
+        };
         let mut open = self.lock();
         match open.get_mut(&(sandbox, request_id.to_string())) {
             Some(t) => {
-                *t = now;
+                *t = seen;
                 drop(open);
                 self.activity.touch_at(sandbox, now);
                 false
             }
             None => {
-                open.insert((sandbox, request_id.to_string()), now);
+                open.insert((sandbox, request_id.to_string()), seen);
                 drop(open);
                 tracing::debug!(sandbox_id = sandbox.as_str(), request_id, "stream open");
                 self.activity.stream_delta(sandbox, true);
@@ -74,18 +98,24 @@ impl StreamTable {
         was_open
     }
 
-    /// Closes streams nothing refreshed within the expiry. Returns how many.
+    /// Closes streams nothing refreshed within their expiry. Returns how many.
     pub fn expire(&self) -> usize {
-        let cutoff = self.activity.now_ms() - self.expiry.as_millis() as i64;
+        let now = self.activity.now_ms();
         let mut gone = Vec::new();
-        self.lock().retain(|(sandbox, _), seen| {
-            let keep = *seen >= cutoff;
+        self.lock().retain(|(sandbox, id), seen| {
+            let keep = now.saturating_sub(seen.at_ms) <= seen.expiry_ms;
             if !keep {
-                gone.push(*sandbox);
+                gone.push((*sandbox, id.clone(), now - seen.at_ms));
             }
             keep
         });
-        for sandbox in &gone {
+        for (sandbox, request_id, unseen_ms) in &gone {
+            tracing::warn!(
+                sandbox_id = sandbox.as_str(),
+                request_id,
+                unseen_ms,
+                "stream taken as closed: no access-log entry refreshed it in time (its end entry was lost, or envoy stopped sending periodic ones)"
+            );
             self.activity.stream_delta(*sandbox, false);
         }
         gone.len()
@@ -143,6 +173,19 @@ mod tests {
         t.seen(key("b"), "r");
         t.ended(key("a"), "r");
         assert_eq!((open_streams(&a, "a"), open_streams(&a, "b")), (0, 1));
+    }
+
+    #[test]
+    fn each_stream_expires_by_what_its_last_refresher_said() {
+        let (a, t) = table(Duration::from_secs(60));
+        t.seen_within(key("ws"), "quick", Duration::ZERO);
+        t.seen_within(key("ws"), "slow", Duration::from_secs(60));
+        // Refreshed by a refresher without an expiry of its own: the table's.
+        t.seen_within(key("ws"), "refreshed", Duration::ZERO);
+        t.seen(key("ws"), "refreshed");
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(t.expire(), 1);
+        assert_eq!((open_streams(&a, "ws"), t.len()), (2, 2));
     }
 
     #[test]

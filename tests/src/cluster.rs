@@ -270,6 +270,9 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         // SANDGATE_TEST_DUMP_LOGS=1 shows them after a passing test too.
         if std::thread::panicking() || std::env::var_os("SANDGATE_TEST_DUMP_LOGS").is_some() {
+            for gw in &self.gateways {
+                crate::procs::dump_gateway(gw.extproc.admin_port, gw.envoy.ports.admin_port);
+            }
             crate::procs::dump_logs(self.dir.path());
             self.target.dump();
         }

@@ -63,7 +63,7 @@ pub fn render(p: &EnvoyPorts) -> String {
             .find(|l| l.contains("sandgate.envoy_admin"))
             .expect("the bootstrap advertises its admin address")
             .to_string();
-        t = t.replace(&line, "  metadata: {}");
+        t = t.replace(&format!("{line}\n"), "");
     }
     t.replace("{{LISTEN_ADDR}}", &p.listen_addr)
         .replace("{{LISTEN_PORT}}", &p.listen_port.to_string())

@@ -415,6 +415,59 @@ pub fn write_token(dir: &Path) -> std::io::Result<PathBuf> {
     Ok(p)
 }
 
+/// For a failing test: what a gateway says of long-lived streams and activity, before its logs
+/// (the extproc's stream, access-log and activity metrics; its Envoy's gRPC access-log counters
+/// and every open request on a sandbox host).
+pub fn dump_gateway(extproc_admin: u16, envoy_admin: u16) {
+    let pick = |text: String, keep: &dyn Fn(&str) -> bool| {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && keep(l))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let metrics = blocking_get(extproc_admin, "/metrics").map(|t| {
+        pick(t, &|l: &str| {
+            ["stream", "access_log", "activity", "touch"]
+                .iter()
+                .any(|w| l.contains(w))
+        })
+    });
+    let stats = blocking_get(envoy_admin, "/stats?filter=access_log").map(|t| pick(t, &|_| true));
+    let open = blocking_get(envoy_admin, "/clusters").map(|t| {
+        pick(t, &|l: &str| {
+            (l.contains("::rq_active::") || l.contains("::rq_pending_active::"))
+                && !l.ends_with("::0")
+        })
+    });
+    eprintln!("----- gateway: extproc admin {extproc_admin}, envoy admin {envoy_admin} -----");
+    for (what, lines) in [
+        ("extproc metrics", metrics),
+        ("envoy access-log stats", stats),
+        ("envoy open requests", open),
+    ] {
+        match lines {
+            Ok(lines) => eprintln!("{what}: {}", lines.join(" | ")),
+            Err(e) => eprintln!("{what}: unreadable: {e}"),
+        }
+    }
+}
+
+/// A plain HTTP/1.0 GET on a loopback port, bounded to 2 s (for use in `Drop`).
+fn blocking_get(port: u16, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let t = std::time::Duration::from_secs(2);
+    let mut s = std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), t)?;
+    s.set_read_timeout(Some(t))?;
+    s.set_write_timeout(Some(t))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body
+        .split_once("\r\n\r\n")
+        .map_or(body.as_str(), |(_, b)| b)
+        .to_string())
+}
+
 /// Prints the last lines of every `*.log` in `dir` (for failing tests).
 pub fn dump_logs(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {

@@ -148,7 +148,11 @@ async fn tick_bench() -> anyhow::Result<(f64, f64, f64)> {
         refresh: Some(REFRESH),
         service: "ctl".into(),
         port_name: "control".into(),
-        poller: tokio::sync::Mutex::new(Poller::new(TEST_TOKEN, Duration::from_secs(5))?),
+        poller: tokio::sync::Mutex::new(Poller::new(
+            TEST_TOKEN,
+            Duration::from_secs(5),
+            Duration::from_secs(30),
+        )?),
         metrics: metrics.clone(),
         write_concurrency: 16,
         limiter,
