@@ -45,7 +45,8 @@ pub struct NewSandbox {
     pub secure: Option<bool>,
     pub mcp: Option<Value>,
     pub volume_mounts: Option<Value>,
-    /// Everything else the SDK may send (`allow_internet_access`, `network`, …): accepted.
+    /// Everything else the SDK may send (`allow_internet_access`, `network`, `iam`, …): each
+    /// network control is honoured or refused by name (`handlers::network_options`).
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,
 }

@@ -112,6 +112,18 @@ def lifecycle():
     assert Sandbox.kill(sbx.sandbox_id) is False, "a second kill must return False"
     for o in others:
         assert o.kill() is True
+
+    # Network controls sandgate does not enforce are refused by name, never ignored.
+    refused = [({"allow_internet_access": False}, "allow_internet_access")]
+    refused.append(({"network": {"deny_out": ["0.0.0.0/0"]}}, "network.denyOut"))
+    for kwargs, field in refused:
+        try:
+            s = Sandbox.create(template="base", **kwargs)
+        except e2b.exceptions.SandboxException as e:
+            assert field in str(e), (field, e)
+        else:
+            s.kill()
+            raise AssertionError(f"created a sandbox with {kwargs}: it would be open")
     log("lifecycle ok")
 
 
