@@ -251,6 +251,78 @@ async fn an_admin_port_that_stops_answering_for_a_while(fast: bool) {
     );
 }
 
+async fn an_admin_port_that_fails_now_and_then(fast: bool) {
+    // Every other reading of the Envoy's counters fails (the admin is cut right after a reading
+    // succeeds and restored as soon as the next one has failed), never two in a row, so the view
+    // stays complete. An idle sandbox must still go on time: a failed reading alone is no
+    // activity (the next one's counters cover the gap), or an Envoy whose admin hiccups would
+    // keep every sandbox it holds forever.
+    let admin = free_port();
+    let switch = Switch::start(([127, 0, 0, 1], admin).into()).await;
+    let mut b = Bed::start(fast, Some(switch.addr.port()), &[(admin, Admin::Silent)]).await;
+    b.c.sandbox("pod-quiet", "quiet").await;
+    b.c.start_controller("ctrl", &[]);
+    if fast {
+        eventually(10 * SEC, || async {
+            assert_eq!(b.get(0, "quiet").await.0, 200);
+            if b.hot(0).await.contains(&host("quiet")) {
+                Ok(())
+            } else {
+                Err("not hot yet".to_string())
+            }
+        })
+        .await;
+    }
+    b.keep_busy(0, "quiet", "pod-quiet", 2 * SEC).await;
+    let polls = |result: &'static str| {
+        let extproc = &b.extproc;
+        async move {
+            extproc
+                .metric(&format!(
+                    "sandgate_extproc_fast_path_activity_polls_total{{result=\"{result}\"}}"
+                ))
+                .await
+        }
+    };
+    // Waits (polling) until the `result` count passes `from`; returns it.
+    let passes = |result: &'static str, from: f64| async move {
+        loop {
+            let n = polls(result).await;
+            if n > from {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let flap = async {
+        let (mut ok, mut failed) = (polls("ok").await, polls("error").await);
+        loop {
+            ok = passes("ok", ok).await;
+            switch.set(false);
+            failed = passes("error", failed).await;
+            switch.set(true);
+        }
+    };
+    let took = tokio::select! {
+        took = b.until_released("pod-quiet", RELEASE_WITHIN) => took,
+        () = flap => unreachable!(),
+    };
+    assert!(
+        took >= TIMEOUT - SEC,
+        "released {took:?} after its last request"
+    );
+    if fast {
+        let failed = b
+            .extproc
+            .metric("sandgate_extproc_fast_path_activity_polls_total{result=\"error\"}")
+            .await;
+        assert!(
+            failed >= 2.0,
+            "only {failed} readings failed: the admin never flapped"
+        );
+    }
+}
+
 macro_rules! both_modes {
     ($scenario:ident, $fast:ident, $ext_proc:ident) => {
         #[tokio::test]
@@ -283,4 +355,9 @@ both_modes!(
     an_admin_port_that_stops_answering_for_a_while,
     admin_outage_fast_path,
     admin_outage_ext_proc_only
+);
+both_modes!(
+    an_admin_port_that_fails_now_and_then,
+    admin_flaps_fast_path,
+    admin_flaps_ext_proc_only
 );

@@ -364,14 +364,17 @@ async fn idle_pods_past_max_pod_age_are_replaced_and_claimed_ones_stay() {
         .collect();
     claim(&c, "c1", "rot").await;
     let (id, claimed) = until_claim(&c, "c1", ClaimPhase::Bound, 5 * SEC).await;
-    let patch = json!({"spec": {"maxPodAge": "3s"}});
+    // Longer than a real node takes to start a pod, or the replacements would be rotated out in
+    // turn before the pool is ever full of them.
+    let patch = json!({"spec": {"maxPodAge": "15s"}});
     pools(&c)
         .patch("rot", &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .unwrap();
-    // Every idle pod from before is rotated out, and the pool is full again with new ones…
+    // Every idle pod from before is rotated out (within 15 s of its creation), and the pool is
+    // full again with new ones…
     let pods = c.pods();
-    eventually(20 * SEC, || async {
+    eventually(60 * SEC, || async {
         let idle: Vec<String> = c
             .pool_pods("rot", "idle")
             .await

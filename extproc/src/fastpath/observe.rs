@@ -9,9 +9,12 @@
 //! - whether the stream may hold hot routes ([`Observation::serving`]): only while a reading
 //!   younger than `stale` proved its Envoy;
 //! - which sandboxes were used (counters moved, or a request is open);
-//! - the sandboxes whose hot routes the Envoy held while unread, touched once the counters are
-//!   read again or the Envoy holds no hot route any more, so a gap in what was seen can only make
-//!   a sandbox look busier, never idler;
+//! - after a gap in the readings of `stale` or more (or before any baseline), the sandboxes whose
+//!   hot routes the Envoy held while unread, touched once the counters are read again or the
+//!   Envoy holds no hot route any more, so a gap in what was seen can only make a sandbox look
+//!   busier, never idler. A shorter gap needs no such touch: counters only grow, and Envoy keeps
+//!   an ORIGINAL_DST host for its `cleanup_interval` (300 s shipped; it must stay above `stale`)
+//!   after its last request, so the next reading's counters show every request in the gap;
 //! - how far back everything the Envoy routed has been seen ([`Observation::seen_until`]), which
 //!   the control API subtracts from every idle time it reports, and which marks the replica's
 //!   report incomplete once older than `stale`.
@@ -131,6 +134,15 @@ impl Observation {
         match reading {
             Ok(now) => {
                 let mut touch: HashSet<SandboxKey> = std::mem::take(&mut self.unseen);
+                // Counters only grow, and Envoy keeps an ORIGINAL_DST host for its cleanup
+                // interval (300 s in the shipped configs) after its last request: across a gap
+                // shorter than `stale`, every request shows in the counters compared below. Only
+                // a longer gap (the report said it was incomplete) touches all that was held, so
+                // an Envoy whose readings fail now and then does not keep every sandbox busy.
+                let gap = at.saturating_duration_since(self.last_ok.unwrap_or(self.started));
+                if self.before.is_some() && gap < self.stale {
+                    touch.clear();
+                }
                 for dest in used(self.before.as_ref(), &now) {
                     if let Some(k) = held.get(&dest) {
                         touch.insert(*k);
@@ -381,18 +393,33 @@ mod tests {
         assert!(o.on_reading(s(2), Err("down".into()), &held).is_empty());
         assert_eq!(o.error(), Some("down"));
         assert_eq!(o.seen_until(false), Some(s(1)));
-        // Read again: what was held unread is touched, plus what moved.
-        let mut touched = o.on_reading(
+        // Read again within `stale`: the counters cover the gap, so only what moved is touched
+        // (a reading failing now and then must not keep every sandbox busy).
+        let touched = o.on_reading(
             s(3),
-            counters(&[("10.0.0.1:80", 5, 0), ("10.0.0.2:80", 1, 0)]),
+            counters(&[("10.0.0.1:80", 6, 0), ("10.0.0.2:80", 1, 0)]),
+            &held,
+        );
+        assert_eq!(touched, [key("a")]);
+        assert_eq!(o.error(), None);
+        // Unread for longer than `stale` (the reports said so): everything held is touched.
+        o.on_reading(s(4), Err("down".into()), &held);
+        let mut touched = o.on_reading(
+            s(6),
+            counters(&[("10.0.0.1:80", 6, 0), ("10.0.0.2:80", 1, 0)]),
             &held,
         );
         touched.sort_by_key(|k| k.as_str().to_string());
         assert_eq!(touched, [key("a"), key("b")]);
-        assert_eq!(o.error(), None);
+        // With no baseline yet, what was held unread is touched whatever the gap.
+        let mut fresh = Observation::new(stale, t0);
+        fresh.on_reading(s(1), Err("down".into()), &held);
+        let mut touched = fresh.on_reading(s(2), counters(&[]), &held);
+        touched.sort_by_key(|k| k.as_str().to_string());
+        assert_eq!(touched, [key("a"), key("b")]);
         // Unread long enough to stop serving; once the Envoy holds nothing, its routes are touched.
-        o.on_reading(s(4), Err("down".into()), &held);
-        assert!(!o.serving(s(7)));
+        o.on_reading(s(7), Err("down".into()), &held);
+        assert!(!o.serving(s(10)));
         let mut touched = o.on_holds_nothing();
         touched.sort_by_key(|k| k.as_str().to_string());
         assert_eq!(touched, [key("a"), key("b")]);
