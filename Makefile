@@ -3,7 +3,7 @@ ENVOY_VERSION := 1.40.0
 ENVOY := .tools/envoy/envoy/_bin/envoy
 CARGO ?= cargo
 
-.PHONY: e2b-sdks run test test-unit test-realapi test-node test-double test-cluster controlplane bench bench-build bench-dataplane bench-streams bench-e2b bench-idle bench-pool build lint envoy render clean
+.PHONY: e2b-sdks run test test-unit test-realapi test-node test-double test-cluster controlplane bench bench-build bench-dataplane bench-streams bench-e2b bench-envd bench-idle bench-pool build lint envoy render clean
 
 $(ENVOY):
 	python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
@@ -72,7 +72,7 @@ test-cluster: $(ENVOY) controlplane build
 	PATH="$$(tests/controlplane/build.sh):$$PATH" CARGO=$(CARGO) tests/scenarios.sh cluster
 
 ## bench: data plane (three Envoy variants, decision microbenchmark, memory), idle release, pools.
-bench: bench-dataplane bench-streams bench-idle bench-pool bench-e2b
+bench: bench-dataplane bench-streams bench-idle bench-pool bench-e2b bench-envd
 
 bench-build: $(ENVOY)
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
@@ -88,6 +88,10 @@ bench-streams: bench-build
 ## bench-e2b: the E2B SDK's create → first 200 through Envoy, 100 sandboxes.
 bench-e2b: bench-build e2b-sdks
 	./target/release/sandgate-bench-e2b
+
+## bench-envd: the E2B SDK's commands.run and 50 MB files through the gateway to sandgate-envd.
+bench-envd: bench-build e2b-sdks
+	./target/release/sandgate-bench-envd
 
 bench-idle: bench-build
 	./target/release/sandgate-bench-idle

@@ -452,14 +452,18 @@ pub fn dump_gateway(extproc_admin: u16, envoy_admin: u16) {
     }
 }
 
-/// A plain HTTP/1.0 GET on a loopback port, bounded to 2 s (for use in `Drop`).
+/// A plain HTTP/1.1 GET on a loopback port, the connection closed after it, bounded to 2 s (for
+/// use in `Drop`; a chunked body keeps its size lines).
 fn blocking_get(port: u16, path: &str) -> std::io::Result<String> {
     use std::io::{Read, Write};
     let t = std::time::Duration::from_secs(2);
     let mut s = std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), t)?;
     s.set_read_timeout(Some(t))?;
     s.set_write_timeout(Some(t))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
     let mut body = String::new();
     s.read_to_string(&mut body)?;
     Ok(body

@@ -9,7 +9,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use sandgate_controller::crd::{ClaimPhase, SandboxClaim, SandboxPool};
 use sandgate_tests::cluster::Cluster;
 use sandgate_tests::procs::{eventually, holds};
-use sandgate_tests::target::echo_container;
+use sandgate_tests::target::{echo_container, Kind};
 use serde_json::json;
 
 const SEC: Duration = Duration::from_secs(1);
@@ -58,6 +58,13 @@ async fn scale(c: &Cluster, name: &str, replicas: i32) {
 }
 
 async fn until_available(c: &Cluster, pool: &str, n: i32, within: Duration) {
+    // A real kubelet starts containers, and stops the last test's: in CI two pods on the test
+    // node once took 28 s to start after the 50 of the test before.
+    let within = if Kind::current() == Kind::Cluster {
+        within * 3
+    } else {
+        within
+    };
     eventually(within, || async {
         let p = pools(c).get(pool).await.map_err(|e| e.to_string())?;
         let s = p.status.unwrap_or_default();

@@ -191,7 +191,10 @@ async fn serve(
             Some((at, reading)) = readings.recv() => {
                 match &reading {
                     Ok(_) => m.activity_polls_ok.inc(),
-                    Err(_) => m.activity_polls_failed.inc(),
+                    Err(e) => {
+                        tracing::debug!(stream = id, error = %e, "reading this envoy's counters failed");
+                        m.activity_polls_failed.inc()
+                    }
                 };
                 let touched = obs.on_reading(at, reading, &session.held_destinations());
                 touch(&fast, touched);
