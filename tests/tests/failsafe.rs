@@ -112,6 +112,19 @@ impl Bed {
         start.elapsed()
     }
 
+    /// Requests `id` through `envoy` until that Envoy holds it as a hot route.
+    async fn until_hot(&self, envoy: usize, id: &str) {
+        eventually(10 * SEC, || async {
+            assert_eq!(self.get(envoy, id).await.0, 200);
+            if self.hot(envoy).await.contains(&host(id)) {
+                Ok(())
+            } else {
+                Err("not hot yet".to_string())
+            }
+        })
+        .await;
+    }
+
     /// Hosts each Envoy holds as hot routes.
     async fn hot(&self, envoy: usize) -> Vec<String> {
         self.envoys[envoy].hot_hosts().await
@@ -220,15 +233,7 @@ async fn an_admin_port_that_stops_answering_for_a_while(fast: bool) {
     b.c.sandbox("pod-busy", "busy").await;
     b.c.start_controller("ctrl", &[]);
     if fast {
-        eventually(10 * SEC, || async {
-            assert_eq!(b.get(0, "busy").await.0, 200);
-            if b.hot(0).await.contains(&host("busy")) {
-                Ok(())
-            } else {
-                Err("not hot yet".to_string())
-            }
-        })
-        .await;
+        b.until_hot(0, "busy").await;
     }
     b.keep_busy(0, "busy", "pod-busy", 2 * SEC).await;
     switch.set(false);
@@ -263,15 +268,7 @@ async fn an_admin_port_that_fails_now_and_then(fast: bool) {
     b.c.sandbox("pod-quiet", "quiet").await;
     b.c.start_controller("ctrl", &[]);
     if fast {
-        eventually(10 * SEC, || async {
-            assert_eq!(b.get(0, "quiet").await.0, 200);
-            if b.hot(0).await.contains(&host("quiet")) {
-                Ok(())
-            } else {
-                Err("not hot yet".to_string())
-            }
-        })
-        .await;
+        b.until_hot(0, "quiet").await;
     }
     b.keep_busy(0, "quiet", "pod-quiet", 2 * SEC).await;
     let polls = |result: &'static str| {
